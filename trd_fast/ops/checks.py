@@ -1,0 +1,49 @@
+"""Argument checks shared by the public ops: each raises ValueError naming the argument."""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def float_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected float32, bfloat16, float16 or float64, got {x.dtype}")
+
+
+def logits(name: str, x) -> None:
+    float_tensor(name, x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected shape [..., V] with V >= 1, got {tuple(x.shape)}")
+
+
+def same_device(name: str, x: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    if x.device != reference.device:
+        raise ValueError(f"{name}: on {x.device} but {reference_name} is on {reference.device}")
+
+
+def same_shape(name: str, shape, reference_name: str, reference_shape) -> None:
+    if tuple(shape) != tuple(reference_shape):
+        raise ValueError(f"{name}: shape {tuple(shape)} does not match {reference_name} {tuple(reference_shape)}")
+
+
+def integer_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.bool:
+        kind = f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected an integer tensor, got {kind}")
+
+
+def real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name}: expected a real number, got {value!r}")
+    return float(value)
+
+
+def values_checkable(x: torch.Tensor) -> bool:
+    """Value checks run exactly on CPU; on CUDA they would sync the host (kernels assert there instead)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
