@@ -1,0 +1,153 @@
+"""Log-probability of one token per row, log softmax(logits / T)[id], and its gradient sweep.
+
+Rows r = b * L + l of logits [B, L, V] with arbitrary strides; a = x / T, lse = logsumexp(a). The ignore id
+-100 gives 0 and a zero gradient row.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from trd_fast.kernels.common import cast_for_store, hyper, online_logsumexp, row_offset, split
+from trd_fast.kernels.configs import stream_configs
+
+
+# Id check: every id is in [0, V) or -100. A separate, tiny kernel compiled with debug=True so that its
+# tl.device_assert is live on GPU without turning on Triton's debug mode (integer overflow checks on every
+# add) in the streaming kernel. The streaming kernel gives NaN for a bad id wherever asserts are compiled out
+# (torch.compile's copy of a user kernel drops debug=True).
+@triton.jit(debug=True)
+def _check_token_ids_kernel(
+    ids_ptr,  # [N] int64 token ids
+    N,  # number of ids
+    V,  # vocabulary size
+    BLOCK: tl.constexpr,  # ids per program
+):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    mask = idx < N
+    ids = tl.load(ids_ptr + idx, mask=mask, other=0)
+    ok = ((ids >= 0) & (ids < V)) | (ids == -100)
+    tl.device_assert(ok | (idx >= N), "token_ids: an id outside [0, V) other than the ignore index -100")
+
+
+# Forward, one streaming pass: lse = m + log S with the online (max m, rescaled sum S) pair over the row's
+# tiles, and the picked logit read directly at its id, so logprob = a[id] - lse (0 for id == -100). lse is
+# saved for the backward sweep.
+@triton.jit
+def _token_logprobs_kernel(
+    logits_ptr,  # [B, L, V] logits (fp32 / bf16 / fp16 / fp64), strides s_logits_*
+    ids_ptr,  # [B * L] int64 token ids (-100 = ignore)
+    logprobs_ptr,  # [B * L] fp32 out: log p[id], 0 for ignored rows
+    lse_ptr,  # [B * L] out (fp32, fp64 for fp64 logits): logsumexp(logits / T) of each row
+    L,  # positions per sequence: row r = b * L + l
+    s_logits_b, s_logits_l, s_logits_v,
+    V,  # vocabulary size
+    inv_temperature_hi, inv_temperature_lo,  # 1 / T as two fp32 halves
+    FP64: tl.constexpr,  # compute in fp64 (float64 logits); else fp32
+    BLOCK_V: tl.constexpr,  # columns per tile
+):
+    dt = tl.float64 if FP64 else tl.float32
+    r = tl.program_id(0).to(tl.int64)
+    row = logits_ptr + row_offset(r, L, s_logits_b, s_logits_l)
+    inv_t = hyper(inv_temperature_hi, inv_temperature_lo, FP64)
+    offsets = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), dt)
+    s = tl.zeros((), dt)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offsets
+        a = tl.load(row + cols * s_logits_v, mask=cols < V, other=float("-inf")).to(dt) * inv_t
+        m, s, _, _ = online_logsumexp(a, m, s)
+    log_s = tl.log(s)
+    lse = m + log_s
+
+    token = tl.load(ids_ptr + r)
+    valid = (token >= 0) & (token < V)
+    picked = tl.load(row + tl.where(valid, token, 0) * s_logits_v).to(dt) * inv_t
+    # (a[id] - m) - log S rather than a[id] - lse: no rounding of |lse| * eps in the result
+    logprob = tl.where(token == -100, 0.0, tl.where(valid, (picked - m) - log_s, float("nan")))
+    tl.store(logprobs_ptr + r, logprob.to(tl.float32))
+    tl.store(lse_ptr + r, lse.to(lse_ptr.dtype.element_ty))
+
+
+# Backward: d log p[id] / d a_j = 1[j == id] - p_j with p_j = exp(a_j - lse), and a = x / T, so row r with
+# upstream gradient g gets (g / T) (1[j == id] - p_j); the row is 0 (and nothing is read) if id == -100 or
+# g == 0. One sweep, written once.
+@triton.jit
+def _token_logprobs_backward_kernel(
+    grad_ptr,  # [B * L] fp32 upstream gradient g of each row's log-prob
+    logits_ptr,  # [B, L, V] logits, strides s_logits_*
+    ids_ptr,  # [B * L] int64 token ids (-100 = ignore)
+    lse_ptr,  # [B * L] forward logsumexp(logits / T)
+    out_ptr,  # [B, L, V] gradient out (logits dtype), strides s_out_*
+    L,  # positions per sequence: row r = b * L + l
+    s_logits_b, s_logits_l, s_logits_v,
+    s_out_b, s_out_l, s_out_v,
+    V,  # vocabulary size
+    inv_temperature_hi, inv_temperature_lo,  # 1 / T as two fp32 halves
+    FP64: tl.constexpr,  # compute in fp64 (float64 logits); else fp32
+    BLOCK_V: tl.constexpr,  # columns per tile
+):
+    dt = tl.float64 if FP64 else tl.float32
+    r = tl.program_id(0).to(tl.int64)
+    row = logits_ptr + row_offset(r, L, s_logits_b, s_logits_l)
+    out_row = out_ptr + row_offset(r, L, s_out_b, s_out_l)
+    inv_t = hyper(inv_temperature_hi, inv_temperature_lo, FP64)
+    g = tl.load(grad_ptr + r).to(dt)
+    token = tl.load(ids_ptr + r)
+    lse = tl.load(lse_ptr + r).to(dt)
+    scale = g * inv_t
+    live = (token != -100) & (g != 0.0)
+    live_columns = tl.where(live, V, 0)  # columns to read: V, or none
+    offsets = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offsets
+        inside = cols < V
+        a = tl.load(row + cols * s_logits_v, mask=cols < live_columns, other=float("-inf")).to(dt) * inv_t
+        p = tl.exp(a - lse)
+        grad = tl.where(live, scale * (tl.where(cols == token, 1.0, 0.0) - p), 0.0)
+        tl.store(out_row + cols * s_out_v, cast_for_store(grad, out_ptr), mask=inside)
+
+
+token_logprobs_kernel = triton.autotune(configs=stream_configs(), key=["V"])(_token_logprobs_kernel)
+token_logprobs_backward_kernel = triton.autotune(configs=stream_configs(), key=["V"])(
+    _token_logprobs_backward_kernel)
+CHECK_BLOCK = 1024
+
+
+def check_token_ids(token_ids, vocab: int) -> None:
+    """Device-side assert that token_ids (contiguous int64) are in [0, vocab) or -100 (live on GPU)."""
+    n = token_ids.numel()
+    if n == 0:
+        return
+    wrap_triton(_check_token_ids_kernel)[(triton.cdiv(n, CHECK_BLOCK),)](
+        ids_ptr=token_ids, N=n, V=vocab, BLOCK=CHECK_BLOCK)
+
+
+def token_logprobs_forward(logits, token_ids, logprobs, lse, temperature: float) -> None:
+    """Launch over logits [B, L, V] (any strides), token_ids [B, L] int64 contiguous, into logprobs [B, L]
+    fp32 and lse [B, L] (contiguous). One program per row."""
+    batch, length, vocab = logits.shape
+    rows = batch * length
+    if rows == 0:
+        return
+    inv_t_hi, inv_t_lo = split(1.0 / temperature)
+    wrap_triton(token_logprobs_kernel)[(rows,)](
+        logits_ptr=logits, ids_ptr=token_ids, logprobs_ptr=logprobs, lse_ptr=lse, L=length,
+        s_logits_b=logits.stride(0), s_logits_l=logits.stride(1), s_logits_v=logits.stride(2), V=vocab,
+        inv_temperature_hi=inv_t_hi, inv_temperature_lo=inv_t_lo, FP64=logits.dtype == torch.float64)
+
+
+def token_logprobs_backward(grad, logits, token_ids, lse, out, temperature: float) -> None:
+    """Launch the gradient sweep into out [B, L, V] (logits dtype). grad, token_ids, lse [B, L] contiguous."""
+    batch, length, vocab = logits.shape
+    rows = batch * length
+    if rows == 0:
+        return
+    inv_t_hi, inv_t_lo = split(1.0 / temperature)
+    wrap_triton(token_logprobs_backward_kernel)[(rows,)](
+        grad_ptr=grad, logits_ptr=logits, ids_ptr=token_ids, lse_ptr=lse, out_ptr=out, L=length,
+        s_logits_b=logits.stride(0), s_logits_l=logits.stride(1), s_logits_v=logits.stride(2),
+        s_out_b=out.stride(0), s_out_l=out.stride(1), s_out_v=out.stride(2), V=vocab,
+        inv_temperature_hi=inv_t_hi, inv_temperature_lo=inv_t_lo, FP64=logits.dtype == torch.float64)
