@@ -109,7 +109,7 @@ def reduce(values, *, clip=None, weight=None, normalizer=None, reduction="mean")
     if clip is not None:
         values = torch.where(values > clip, torch.full_like(values, clip), values)
     if weight is not None:
-        w = weight.to(values.dtype)
+        w = weight.detach().to(values.dtype)
         values = torch.where(w == 0, torch.zeros_like(values), w * values)
     if reduction == "none":
         return values
@@ -117,7 +117,7 @@ def reduce(values, *, clip=None, weight=None, normalizer=None, reduction="mean")
     if reduction == "sum":
         return total
     if normalizer is None:
-        normalizer = weight.to(values.dtype).sum() if weight is not None else values.numel()
+        normalizer = weight.detach().to(values.dtype).sum() if weight is not None else values.numel()
     normalizer = torch.as_tensor(normalizer, dtype=values.dtype, device=values.device)
     zero = normalizer == 0
     return torch.where(zero, torch.zeros_like(total), total / torch.where(zero, torch.ones_like(normalizer), normalizer))
@@ -148,14 +148,15 @@ def prefix_scan(signal, lengths, *, threshold, window=1):
     signal [B, L], lengths [B] -> cumsum [B, L] (signal's dtype), first [B] int64.
     """
     batch, length = signal.shape
+    if length == 0:
+        return signal.clone(), lengths.to(torch.int64)
     dtype = compute_dtype(signal)
     positions = torch.arange(length, device=signal.device)
     inside = positions.unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
     x = torch.where(inside, signal.to(dtype), torch.zeros((), dtype=dtype, device=signal.device))
     cumsum = x.cumsum(-1)
     # the trailing window summed directly (not as a difference of cumsums: a NaN or inf stays in its windows)
-    padded = torch.nn.functional.pad(x, (window - 1, 0)) if length else x
-    window_sum = padded.unfold(-1, window, 1).sum(-1) if length else x
+    window_sum = torch.nn.functional.pad(x, (window - 1, 0)).unfold(-1, window, 1).sum(-1)
     count = torch.clamp(positions + 1, max=window).to(dtype)
     trailing_mean = window_sum / count
     hit = inside & (trailing_mean > threshold)

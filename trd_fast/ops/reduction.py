@@ -15,16 +15,24 @@ def reduce_values(values: torch.Tensor, *, clip: float | None, weight: torch.Ten
     if clip is not None:
         values = torch.where(values > clip, torch.full_like(values, clip), values)
     if weight is not None:
-        w = weight.to(torch.float32)
+        w = weight.detach().to(torch.float32)
         values = torch.where(w == 0, torch.zeros_like(values), w * values)
     if reduction == "none":
         return values
     total = values.sum()
     if reduction == "sum":
         return total
+    # Built on the device (a fill, never a host-to-device copy of a Python number).
     if normalizer is None:
-        normalizer = w.sum() if weight is not None else values.numel()
-    normalizer = torch.as_tensor(normalizer, dtype=torch.float32).to(values.device).detach()
+        normalizer = w.sum() if weight is not None else _device_scalar(values.numel(), values)
+    elif isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.detach().to(device=values.device, dtype=torch.float32)
+    else:
+        normalizer = _device_scalar(normalizer, values)
     zero = normalizer == 0
     safe = torch.where(zero, torch.ones_like(normalizer), normalizer)
     return torch.where(zero, torch.zeros_like(total), total / safe)
+
+
+def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), float(value), dtype=torch.float32, device=like.device)
