@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU machine (H100/H200): install carried wheels, build trd_fast in place, run
+# the tests (time-capped), then the GPU benchmarks (bench/run_gpu.py). Run from anywhere in the repo:
+#
+#   OUT=/some/dir bash bench/gpu_check.sh
+#
+# Files written to $OUT (5): build.log, tests.log, bench.log, summary.md, gpu-<device>.json (also kept in
+# bench/results/). The whole script aims at under 5 minutes on an H100:
+#   GPU_CHECK_BUDGET_S  total budget in seconds (default 280); benchmark rows that would start after it are
+#                       recorded as skipped, so the JSON and summary.md are always written
+#   GPU_CHECK_TEST_S    cap on both test runs together (default 120 s; 2/3 for tests/test_triton_gpu.py)
+#   GPU_CHECK_SKIP_TESTS=1  benchmarks only (a rerun)
+#   GPU_CHECK_ONLY=TEXT     benchmark only the cases whose label contains TEXT (e.g. "bfloat16")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/trd_fast_gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-280}
+TEST_CAP=${GPU_CHECK_TEST_S:-120}
+BENCH_MIN=90  # seconds always left to the benchmarks
+start=$SECONDS
+left() { echo $(( BUDGET - (SECONDS - start) )); }
+say() { echo "[gpu_check $(( SECONDS - start ))s] $*"; }
+
+say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo unknown)"
+
+# 1. carried wheels (liger-kernel: pure Python) into a private site dir
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  say "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+else
+  say "no .whl/ folder: Liger rows will be skipped"
+fi
+
+# 2. build in place (the C++ extension, with CUDA sources where present); without it if that fails
+build_status="built with trd_fast._C"
+if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  build_status="extension build FAILED (see build.log); installed without trd_fast._C (TRD_FAST_SKIP_EXT=1)"
+  say "$build_status"
+  tail -30 "$OUT/build.log"
+  TRD_FAST_SKIP_EXT=1 $PY -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
+fi
+say "build: $build_status"
+
+# 3. tests, capped so the benchmarks keep their time. tests/conftest.py defaults TRITON_INTERPRET to 1 (the CPU
+# suite runs Triton through the interpreter); tests/test_triton_gpu.py needs it unset and is self-contained, so
+# it runs first on its own without the conftest, then the whole suite with what is left. The GPU image has no
+# TRL: the integration tests (TRL is a test dependency on CPU) are left out there when it cannot be imported.
+run_tests() {  # run_tests CAP LABEL ARGS... -> appends to tests.log, sets rc
+  local cap=$1 label=$2; shift 2
+  echo "=== $label (cap ${cap}s): pytest $*" | tee -a "$OUT/tests.log"
+  set +e
+  timeout -k 5 "$cap" "$@" 2>&1 | tee -a "$OUT/tests.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+}
+describe_tests() {  # describe_tests RC CAP SECONDS -> a one-line status from the last pytest summary line
+  local last
+  last=$(grep -E "[0-9]+ (passed|failed|skipped|error)|no tests ran" "$OUT/tests.log" | tail -1 || true)
+  if [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; then echo "TIMED OUT after ${2}s; last summary: ${last:-none}"
+  else echo "rc $1 in ${3}s: ${last:-no summary line}"; fi
+}
+test_status="skipped (GPU_CHECK_SKIP_TESTS=1)"
+: > "$OUT/tests.log"
+if [ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]; then
+  cap=$(( $(left) - BENCH_MIN ))
+  [ "$cap" -gt "$TEST_CAP" ] && cap=$TEST_CAP
+  [ "$cap" -lt 30 ] && cap=30
+  t0=$SECONDS
+  gpu_cap=$(( cap * 2 / 3 ))
+  run_tests "$gpu_cap" "GPU tests" env -u TRITON_INTERPRET $PY -m pytest -q tests/test_triton_gpu.py -x \
+    --noconftest -p no:cacheprovider
+  test_status="GPU file: $(describe_tests "$rc" "$gpu_cap" $(( SECONDS - t0 )))"
+  rest=$(( cap - (SECONDS - t0) ))
+  if [ "$rest" -ge 15 ]; then
+    t1=$SECONDS
+    no_trl=()
+    $PY -c "import trl" 2>/dev/null || no_trl=(--ignore=tests/test_integration_trl.py --ignore=tests/test_integration_hf.py)
+    run_tests "$rest" "whole suite" $PY -m pytest -q tests -x -p no:cacheprovider "${no_trl[@]}"
+    test_status="$test_status; whole suite (CPU + interpreter): $(describe_tests "$rc" "$rest" $(( SECONDS - t1 )))"
+  else
+    test_status="$test_status; whole suite not run (test cap spent)"
+  fi
+  say "tests: $test_status"
+fi
+
+# 4. benchmarks: rows that would start past the budget are recorded as skipped
+budget=$(( $(left) - 15 ))
+[ "$budget" -lt 60 ] && budget=60
+say "benchmarks (budget ${budget}s)"
+set +e
+timeout -k 5 $(( budget + 90 )) $PY -m bench.run_gpu --budget-s "$budget" --out-dir "$OUT" \
+  --tests "build: $build_status; tests: $test_status" ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} 2>&1 \
+  | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+set -e
+if [ ! -f "$OUT/summary.md" ]; then  # killed or crashed: keep what was saved row by row
+  cp bench/results/gpu-*.json "$OUT"/ 2>/dev/null || true
+  printf '# trd_fast GPU check\n\nbenchmarks did not finish (rc %s); see bench.log\n\nbuild: %s\n\ntests: %s\n' \
+    "$bench_rc" "$build_status" "$test_status" > "$OUT/summary.md"
+fi
+say "done in $(( SECONDS - start ))s (benchmarks rc $bench_rc)"
+cat "$OUT/summary.md"
