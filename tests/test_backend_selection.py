@@ -108,3 +108,21 @@ def test_dispatch_end_to_end(spy, no_env, env, argument, expected):
     assert torch.equal(logp, trd_fast.token_logprobs(student, torch.zeros(2, 3, dtype=torch.int64), backend=expected))
     assert torch.equal(first, trd_fast.prefix_scan(rand(2, 5), torch.tensor([5, 2]), threshold=0.5,
                                                    backend=expected)[1])
+
+
+@pytest.mark.parametrize("built, here, refused", [
+    ("avx512", "avx2", True), ("avx512", "default", True), ("avx2", "default", True),
+    ("avx512", "avx512", False), ("avx2", "avx512", False), ("default", "avx2", False),
+])
+def test_extension_for_a_missing_simd_level_is_refused(built, here, refused):
+    message = backend_module.isa_refusal(built, here)
+    assert (message is not None) == refused
+    if refused:
+        assert built in message and "TRD_FAST_CPU_ISA=" in message
+
+
+def test_loaded_extension_matches_this_cpu():
+    if backend_module.EXTENSION is None:
+        pytest.skip("no trd_fast._C in this install")
+    here = torch.backends.cpu.get_cpu_capability().lower()
+    assert backend_module.isa_refusal(backend_module.EXTENSION.cpu_isa(), here) is None

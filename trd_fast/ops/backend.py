@@ -18,12 +18,16 @@ def _load_extension():
         from trd_fast import _C
     except ImportError as error:
         return None, f"the C++ extension trd_fast._C is not built ({error})"
-    built = _C.cpu_isa()
-    here = torch.backends.cpu.get_cpu_capability().lower()
-    if ISA_RANK.get(built, 0) > ISA_RANK.get(here, 0):
-        return None, (f"trd_fast._C was built for {built} but this CPU supports {here}: reinstall with "
-                      f"TRD_FAST_CPU_ISA={here if here in ISA_RANK else 'default'}")
-    return _C, None
+    refusal = isa_refusal(_C.cpu_isa(), torch.backends.cpu.get_cpu_capability().lower())
+    return (None, refusal) if refusal else (_C, None)
+
+
+def isa_refusal(built: str, here: str) -> str | None:
+    """Why an extension built for SIMD level `built` must not run on a CPU of level `here`, or None."""
+    if ISA_RANK.get(built, 0) <= ISA_RANK.get(here, 0):
+        return None
+    return (f"trd_fast._C was built for {built} but this CPU supports {here}: reinstall with "
+            f"TRD_FAST_CPU_ISA={here if here in ISA_RANK else 'default'}")
 
 
 EXTENSION, EXTENSION_MISSING = _load_extension()
