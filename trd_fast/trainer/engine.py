@@ -1,0 +1,82 @@
+"""The models of a run: the trained student (full or LoRA), the teacher (an external model, or the frozen
+initial student for self-distillation: a copy, or with LoRA the adapter-disabled base) and their runners."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig
+from .generation import Runner
+from .models import check_tokenizers_agree, load_causal_lm, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Engine:
+    student_model: torch.nn.Module   # the model that trains (a peft model with LoRA)
+    tokenizer: object                # the student's tokenizer (its shared ids agree with the teacher's)
+    student: Runner                  # every student forward of rollouts goes through it
+    teacher: Runner                  # every teacher forward goes through it
+    inplace_backward: bool           # the loss may write its gradient over the student logits
+
+
+class AdapterDisabled:
+    """A peft model seen with its adapters off: the frozen base, sharing the weights of the trained student."""
+
+    def __init__(self, peft_model):
+        self._peft_model = peft_model
+
+    def __call__(self, *args, **kwargs):
+        with self._peft_model.disable_adapter():
+            return self._peft_model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._peft_model, name)
+
+
+def build_engine(config: TrainConfig) -> Engine:
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    tokenizer = load_tokenizer(m.student, role="student")
+    student = load_causal_lm(m.student, role="student", device=m.device, dtype=dtype)
+    if config.distill.teacher_source == "external":
+        teacher_tokenizer = load_tokenizer(m.teacher, role="teacher")
+        check_tokenizers_agree(tokenizer, teacher_tokenizer, m.student, m.teacher)
+        teacher = load_causal_lm(m.teacher, role="teacher", device=m.device, dtype=dtype)
+    elif m.lora_rank == 0:
+        teacher = copy.deepcopy(student)
+    else:
+        teacher = None  # the adapter-disabled student, below
+    if m.lora_rank > 0:
+        student = _with_lora(student, m.lora_rank, m.lora_alpha, m.lora_targets)
+    if teacher is None:
+        teacher = AdapterDisabled(student)
+    else:
+        teacher.requires_grad_(False)
+    softcapped = getattr(student.config, "final_logit_softcapping", None)
+    if softcapped:
+        warnings.warn("the student's logits are soft-capped: the loss keeps its gradient out of place", stacklevel=2)
+    pad, eos, vocab = tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)
+    return Engine(student_model=student, tokenizer=tokenizer,  # sampling stays inside the tokenizer's ids
+                  student=Runner(student, pad_id=pad, eos_id=eos, name="student", vocab_size=vocab),
+                  teacher=Runner(teacher, pad_id=pad, eos_id=eos, name="teacher", vocab_size=vocab),
+                  inplace_backward=not softcapped)
+
+
+def _with_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("model.lora_rank > 0 needs peft: pip install 'trd_fast[lora]'") from None
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(f"model.lora_targets: the student has no module named {missing}")
+    lora = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                           task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)

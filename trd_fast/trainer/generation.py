@@ -1,0 +1,187 @@
+"""Batched generation and scoring with a KV cache, through one Runner per model, which counts every token fed
+and notices re-scoring (see counters.Ledger)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+import trd_fast
+
+from .counters import Ledger, TokenCounters
+from .kv_cache import CachedBatch, check_full_attention
+from .sampling import SamplingConfig, sample
+from .trace import Trace
+
+__all__ = ["Rollout", "Runner", "SamplingConfig", "TokenCounters", "resolve_row_ids"]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    tokens: Tensor           # [B, M] int64 generated ids, pad_id after each row's end
+    lengths: Tensor          # [B] int64 generated tokens per row (EOS included when produced)
+    logprobs: Tensor         # [B, M] fp32 log softmax(raw logits) at the sampled token, 0 past the end
+    logits: Tensor | None    # [B, M, V] fp32 raw logits that produced each token (before sampling filters)
+    finished: Tensor         # [B] bool: stopped on EOS
+
+
+class Runner:
+    """Every forward of one model goes through it (so counters and the ledger see them all)."""
+
+    def __init__(self, model, *, pad_id: int, eos_id: int, name: str, vocab_size: int | None = None):
+        self.model = model            # a causal LM taking input_ids, attention_mask, position_ids, cache
+        self.pad_id = pad_id          # fills rows after their end, and padding slots
+        self.eos_id = eos_id          # ends a row
+        self.name = name              # for messages
+        self.vocab_size = vocab_size  # sample only ids below it (the tokenizer's size), None: every logit column
+        self.counters = TokenCounters()
+        self.ledger = Ledger()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def new_step(self) -> None:
+        """Fresh counters and ledger."""
+        self.counters = TokenCounters()
+        self.ledger = Ledger()
+
+    @torch.no_grad()
+    def generate(self, contexts: Sequence[Tensor], sampling: SamplingConfig, *, generator: torch.Generator,
+                 capture_logits: bool, progress: str | None = None,
+                 row_ids: Sequence[int] | None = None) -> Rollout:
+        """Sample a completion of each context (1-D int64 tokens, lengths may differ): one prefill of the
+        left-padded batch, then one decode forward per token with the KV cache. A row stops at EOS; all stop at
+        sampling.max_new_tokens. `progress` is the description of a bar over decode steps (None: no bar)."""
+        contexts = self.inputs(contexts)
+        rows = resolve_row_ids(row_ids, len(contexts))
+        logits, state = self.prefill(rows, contexts, keep=1)                # [B, 1, V]
+        trace = Trace(len(contexts), self.device)
+        everyone = torch.arange(len(contexts), device=self.device)
+        tokens = self.draw(trace, everyone, logits[:, -1], sampling, generator, capture_logits)
+        going = (tokens != self.eos_id) & (trace.lengths < sampling.max_new_tokens)
+        alive = going.nonzero()[:, 0]
+        if len(alive) < len(contexts):
+            state = state.select(alive)
+        budget = torch.full_like(trace.lengths, sampling.max_new_tokens)
+        self.decode(state, trace, alive, tokens, budget, sampling, generator, capture_logits, progress)
+        generated = trace.tokens(self.pad_id)                               # [B, M]
+        lengths = trace.lengths.tolist()
+        self.account_decode(rows, [torch.cat([x, y[:n - 1]]) for x, y, n in zip(contexts, generated, lengths)],
+                            [len(x) for x in contexts])
+        return Rollout(tokens=generated, lengths=trace.lengths, logprobs=trace.logprobs(),
+                       logits=trace.take_logits(logits.shape[-1]) if capture_logits else None,
+                       finished=trace.finished)
+
+    @torch.no_grad()
+    def score(self, contexts: Sequence[Tensor], continuations: Sequence[Tensor], *,
+              row_ids: Sequence[int] | None = None) -> Tensor:
+        """One forward over each context + continuation (left-padded batch, no cache kept): [B, M, V] fp32 raw
+        logits predicting each continuation token (row b valid for its first len(continuations[b]), 0 beyond)."""
+        contexts = self.inputs(contexts)
+        continuations = [y.to(self.device) for y in continuations]
+        if len(continuations) != len(contexts):
+            raise ValueError(f"continuations: {len(continuations)} rows for {len(contexts)} contexts")
+        width = max((len(y) for y in continuations), default=0)
+        logits, _ = self.prefill(resolve_row_ids(row_ids, len(contexts)), contexts, [y[:-1] for y in continuations],
+                                 keep=max(width, 1), use_cache=False)      # [B, max(M, 1), V]
+        logits = logits[:, :width]
+        for b, y in enumerate(continuations):
+            logits[b, len(y):] = 0
+        return logits
+
+    def prefill(self, rows: Sequence[int], heads: Sequence[Tensor], tails: Sequence[Tensor] | None = None, *,
+                keep: int, state: CachedBatch | None = None, history: Sequence[Tensor] | None = None,
+                use_cache: bool = True) -> tuple[Tensor, CachedBatch | None]:
+        """One forward feeding row b heads[b] + tails[b] after what `state` caches for it (`history[b]`: those
+        tokens, for the ledger). Heads are right-aligned (left padding) and tails left-aligned after them (right
+        padding), so tail positions line up across rows: with H the longest head, slot H - 1 + j predicts tail
+        token j of every row. Returns the raw fp32 logits of the last `keep` slots [B, keep, V] and the batch
+        with the new tokens cached (None without use_cache)."""
+        tails = tails if tails is not None else [heads[0].new_zeros(0)] * len(heads)
+        head_width, tail_width = max(len(h) for h in heads), max(len(t) for t in tails)
+        ids = torch.full((len(heads), head_width + tail_width), self.pad_id, dtype=torch.int64, device=self.device)
+        fed = torch.zeros(ids.shape, dtype=torch.bool, device=self.device)                  # [B, W]
+        for b, (head, tail) in enumerate(zip(heads, tails)):
+            ids[b, head_width - len(head):head_width + len(tail)] = torch.cat([head, tail])
+            fed[b, head_width - len(head):head_width + len(tail)] = True
+        past = state.mask if state is not None else fed[:, :0]                              # [B, S]
+        cache = None
+        if use_cache:
+            cache = state.cache if state is not None else check_full_attention(
+                DynamicCache(config=self.model.config), self.name)
+        positions = past.sum(-1, keepdim=True) + (fed.cumsum(-1) - 1).clamp(min=0)        # [B, W]
+        mask = torch.cat([past, fed], dim=1)                                                # [B, S + W]
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
+                         use_cache=use_cache, logits_to_keep=keep)
+        history = history if history is not None else [h[:0] for h in heads]
+        sequences = [torch.cat([p, h, t]) for p, h, t in zip(history, heads, tails)]
+        counts = self.ledger.feed(rows, sequences, [len(p) for p in history])
+        self.counters.prefill_tokens += int(fed.sum())
+        self.counters.forwards += 1
+        self.counters.rescore_forwards += int(any(counts))
+        self.counters.rescore_tokens += sum(counts)
+        return out.logits.float(), (CachedBatch(cache, mask) if use_cache else None)
+
+    def decode(self, state: CachedBatch, trace: Trace, alive: Tensor, pending: Tensor, budget: Tensor,
+               sampling: SamplingConfig, generator: torch.Generator, capture: bool, progress: str | None) -> None:
+        """Feed every alive row (indices [A] into the trace; `state` holds them in that order) its pending token
+        (pending [R]), sample its next one into the trace, and repeat until each row stopped at EOS or at its
+        budget (budget [R]: the trace length it may reach). The caller accounts the fed tokens in the ledger."""
+        pending = pending.clone()
+        steps = int((budget[alive] - trace.lengths[alive]).max()) if len(alive) else 0
+        bar = tqdm(total=steps, desc=progress, disable=progress is None, leave=False)
+        while len(alive):
+            slot = torch.ones(len(alive), 1, dtype=torch.bool, device=self.device)
+            mask = torch.cat([state.mask, slot], dim=1)                                       # [A, S + 1]
+            out = self.model(input_ids=pending[alive][:, None], attention_mask=mask.long(),
+                             position_ids=state.lengths[:, None], cache=state.cache, use_cache=True)
+            state = CachedBatch(state.cache, mask)
+            self.counters.decode_tokens += len(alive)
+            self.counters.forwards += 1
+            tokens = self.draw(trace, alive, out.logits[:, -1].float(), sampling, generator, capture)
+            pending[alive] = tokens
+            going = (tokens != self.eos_id) & (trace.lengths[alive] < budget[alive])
+            if not bool(going.all()):
+                keep = going.nonzero()[:, 0]
+                state, alive = state.select(keep), alive[keep]
+            bar.update(1)
+        bar.close()
+
+    def draw(self, trace: Trace, rows: Tensor, logits: Tensor, sampling: SamplingConfig,
+             generator: torch.Generator, capture: bool) -> Tensor:
+        """Sample one token for each of rows [A] from raw logits [A, V] and record it in the trace."""
+        tokens = sample(logits, sampling, generator, self.vocab_size)                       # [A]
+        trace.add(rows, tokens, trd_fast.token_logprobs(logits, tokens), logits if capture else None, self.eos_id)
+        return tokens
+
+    def account_decode(self, rows: Sequence[int], sequences: Sequence[Tensor], starts: Sequence[int]) -> None:
+        """Ledger entries for one decode run: row i fed sequences[i][starts[i]:], one token per forward from the
+        run's first forward on, so the run's re-scoring forwards are the longest re-scored stretch."""
+        counts = self.ledger.feed(rows, sequences, starts)
+        self.counters.rescore_forwards += max(counts, default=0)
+        self.counters.rescore_tokens += sum(counts)
+
+    def inputs(self, contexts: Sequence[Tensor], name: str = "contexts") -> list[Tensor]:
+        """The contexts checked (non-empty 1-D int64 each) and moved to the model's device."""
+        if len(contexts) == 0:
+            raise ValueError(f"{self.name}: {name} is empty")
+        for i, x in enumerate(contexts):
+            if x.ndim != 1 or x.dtype != torch.int64 or len(x) == 0:
+                raise ValueError(f"{self.name}: {name}[{i}] must be a non-empty 1-D int64 tensor, "
+                                 f"got shape {tuple(x.shape)} {x.dtype}")
+        return [x.to(self.device) for x in contexts]
+
+
+def resolve_row_ids(row_ids: Sequence[int] | None, count: int) -> list[int]:
+    """The ledger's row id of each of `count` rows: their batch index by default."""
+    if row_ids is None:
+        return list(range(count))
+    if len(row_ids) != count:
+        raise ValueError(f"row_ids: {len(row_ids)} ids for {count} rows")
+    return [int(r) for r in row_ids]

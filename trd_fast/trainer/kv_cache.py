@@ -1,0 +1,74 @@
+"""A batch of token rows held in a KV cache, with a mask of the slots that hold real tokens. Rows can leave the
+batch, and rows of several batches can be cut back to a prefix and realigned into one left-padded batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass(frozen=True)
+class CachedBatch:
+    cache: DynamicCache  # per layer keys and values [B, H, S, D], positions baked in by the rows' position ids
+    mask: Tensor         # [B, S] bool: slots holding real tokens (the others are padding, anywhere in the row)
+
+    @property
+    def lengths(self) -> Tensor:
+        """[B] int64 real tokens per row: the position id of each row's next token."""
+        return self.mask.sum(-1)
+
+    def select(self, rows: Tensor) -> CachedBatch:
+        """A new batch of the given rows [R] (a copy, so this batch can be dropped)."""
+        return CachedBatch(DynamicCache([(k[rows], v[rows]) for k, v in _layers(self.cache)]), self.mask[rows])
+
+
+def realign(parts: Sequence[tuple[CachedBatch, int, int]]) -> CachedBatch:
+    """A left-padded batch whose row i holds the first n_i real tokens of row r_i of batch b_i, for parts
+    (b_i, r_i, n_i): one index gather over the keys and values of every layer. Padding slots are zero."""
+    sources: list[CachedBatch] = []
+    for batch, _, _ in parts:
+        if not any(batch is s for s in sources):
+            sources.append(batch)
+    offsets = torch.tensor([0] + [len(s.mask) for s in sources]).cumsum(0).tolist()
+    slots = max(s.mask.shape[1] for s in sources)
+    device = sources[0].mask.device
+    width = max(n for _, _, n in parts)
+    index = torch.zeros(len(parts), width, dtype=torch.int64, device=device)    # [R, W] source slot
+    valid = torch.zeros(len(parts), width, dtype=torch.bool, device=device)     # [R, W]
+    source_rows = []
+    for i, (batch, row, n) in enumerate(parts):
+        real = batch.mask[row].nonzero()[:, 0]
+        if len(real) < n:
+            raise ValueError(f"parts[{i}]: the row holds {len(real)} tokens, {n} asked for")
+        index[i, width - n:] = real[:n]
+        valid[i, width - n:] = True
+        source_rows.append(offsets[next(j for j, s in enumerate(sources) if s is batch)] + row)
+    rows = torch.tensor(source_rows, device=device)[:, None]                      # [R, 1]
+    gathered = []
+    for layer in zip(*(_layers(s.cache) for s in sources)):
+        kv = []
+        for tensors in zip(*layer):                                               # keys, then values
+            stacked = tensors[0] if len(tensors) == 1 else torch.cat(
+                [torch.nn.functional.pad(t, (0, 0, 0, slots - t.shape[2])) for t in tensors])  # [ΣB, H, S, D]
+            picked = stacked[rows, :, index].transpose(1, 2)                      # [R, H, W, D]
+            kv.append(torch.where(valid[:, None, :, None], picked, 0))
+        gathered.append(tuple(kv))
+    return CachedBatch(DynamicCache(gathered), valid)
+
+
+def check_full_attention(cache: DynamicCache, who: str) -> DynamicCache:
+    """The cache itself, when every layer is a plain full-attention layer (the only kind rows can be cut from
+    and realigned in); else ValueError naming `who`."""
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if kinds:
+        raise ValueError(f"{who}: only full-attention models are supported, this one's KV cache has {kinds} layers")
+    return cache
+
+
+def _layers(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
+    return [(layer.keys, layer.values) for layer in check_full_attention(cache, "KV cache").layers]

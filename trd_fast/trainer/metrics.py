@@ -1,0 +1,57 @@
+"""metrics.jsonl (one record per step, truncated to the checkpoint's step on resume) and the curves PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+PLOTTED = ("loss", "divergence", "entropy", "y_o_accuracy", "y_r_accuracy", "failure_rate", "y_o_len", "y_r_len",
+           "epistemic_mass", "eval_accuracy", "step_s", "teacher_tokens")
+
+
+class MetricsLog:
+    def __init__(self, directory: Path, resume_step: int):
+        self.path = directory / METRICS
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict], path: Path, title: str) -> Path | None:
+    """One panel per logged quantity against step; None when there is nothing to plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [k for k in PLOTTED if any(r.get(k) is not None for r in records)]
+    if not series:
+        return None
+    columns = 3
+    rows = math.ceil(len(series) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, series):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path

@@ -1,0 +1,169 @@
+"""TRD-splice: the teacher scores the student's rollout y_o once, a prefix scan of a per-token signal finds each
+row's failure point k, and the teacher continues from k on its own prefix KV cache: y_r = y_o[:k] + its tokens.
+
+The teacher never feeds a token twice. Scoring feeds context + y_o[:n - 1] for the n positions it scores; the
+continuation samples its first token from the scoring logits at k and, while it draws y_o's own token and the
+next scoring logits exist, keeps sampling from those (they are what a forward would compute); the first token
+that differs from y_o, or runs past the scored positions, is fed on the cache cut back to context + y_r[:p].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+import trd_fast
+
+from .generation import Rollout, Runner, resolve_row_ids
+from .kv_cache import CachedBatch, realign
+from .sampling import SamplingConfig
+from .trace import Trace
+
+# (start, stop, teacher logits [B, stop - start, V] for y_o positions [start, stop)) -> signal [B, stop - start]
+SignalFn = Callable[[int, int, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Splice:
+    cut: Tensor           # [B] int64 failure point k per row (== len(y_o[b]) when the row has no failure)
+    failed: Tensor        # [B] bool
+    tokens: list[Tensor]  # y_r per row: y_o[b][:k] followed by the teacher's continuation (y_o[b] when no failure)
+    targets: list[Tensor] # per row [len(y_r[b]), V] fp32 teacher raw logits predicting each y_r token
+    signal: Tensor        # [B, L] fp32 the per-token signal on y_o at the scored positions, 0 beyond
+    scored: Tensor        # [B] int64 how many y_o positions the teacher scored per row
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    signal: Tensor                                # [B, L] fp32, 0 beyond `scored`
+    scored: Tensor                                # [B] int64 y_o positions scored per row
+    cut: Tensor                                   # [B] int64 failure point, == len(y_o) when none
+    logits: list[Tensor]                          # per row [scored, V] fp32 scoring logits
+    caches: dict[int, tuple[CachedBatch, int]]    # failed row -> (batch, its row there): context + y_o[:scored - 1]
+
+
+@torch.no_grad()
+def splice(teacher: Runner, contexts: Sequence[Tensor], rollout: Rollout, signal_fn: SignalFn, *,
+           threshold: float, window: int, chunk: int | None, sampling: SamplingConfig,
+           generator: torch.Generator, row_ids: Sequence[int] | None = None,
+           progress: str | None = None) -> Splice:
+    """Score each rollout row with the teacher after its own context, find k = prefix_scan(signal).first, and
+    let the teacher continue the failed rows from k (targets: scoring logits for positions <= k, generation
+    logits after). With `chunk`, y_o is scored `chunk` tokens at a time on the KV cache and a row stops being
+    scored once its failure point is found; None scores everything in one pass."""
+    contexts = teacher.inputs(contexts)
+    if len(contexts) != len(rollout.tokens):
+        raise ValueError(f"contexts: {len(contexts)} rows for a rollout of {len(rollout.tokens)}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be None or >= 1, got {chunk}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    rows = resolve_row_ids(row_ids, len(contexts))
+    tokens = rollout.tokens.to(teacher.device)                                           # [B, L]
+    y_o = [tokens[b, :n] for b, n in enumerate(rollout.lengths.tolist())]
+    scoring = _score(teacher, contexts, y_o, tokens.shape[1], signal_fn, threshold, window, chunk, rows)
+    failed = scoring.cut < rollout.lengths.to(teacher.device)
+    y_r, targets = _continue(teacher, contexts, y_o, scoring, failed, sampling, generator, rows, progress)
+    return Splice(cut=scoring.cut, failed=failed, tokens=y_r, targets=targets, signal=scoring.signal,
+                  scored=scoring.scored)
+
+
+def _score(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], width: int, signal_fn: SignalFn,
+           threshold: float, window: int, chunk: int | None, rows: list[int]) -> _Scoring:
+    count, device = len(contexts), teacher.device
+    lengths = [len(y) for y in y_o]
+    step = max(lengths, default=0) if chunk is None else chunk
+    signal = torch.zeros(count, width, device=device)
+    scored = torch.zeros(count, dtype=torch.int64, device=device)
+    pieces: list[list[Tensor]] = [[] for _ in range(count)]
+    caches: dict[int, tuple[CachedBatch, int]] = {}
+    active = [b for b in range(count) if lengths[b] > 0]
+    state, start = None, 0
+    while active:
+        ends = [min(start + step, lengths[b]) for b in active]       # rows scored up to here after this round
+        stop = max(ends)
+        if start == 0:   # contexts + y_o[:end - 1]: the context's last token predicts position 0
+            heads, history = [contexts[b] for b in active], None
+            tails = [y_o[b][:end - 1] for b, end in zip(active, ends)]
+        else:            # y_o[start - 1:end - 1] on the cache holding context + y_o[:start - 1]
+            heads = [y_o[b][:0] for b in active]
+            tails = [y_o[b][start - 1:end - 1] for b, end in zip(active, ends)]
+            history = [torch.cat([contexts[b], y_o[b][:start - 1]]) for b in active]
+        logits, state = teacher.prefill([rows[b] for b in active], heads, tails, keep=stop - start, state=state,
+                                        history=history)             # [A, stop - start, V], slot j = start + j
+        index = torch.tensor(active, device=device)
+        valid = torch.arange(stop - start, device=device) < (torch.tensor(ends, device=device) - start)[:, None]
+        logits.masked_fill_(~valid[..., None], 0.0)
+        block = logits if len(active) == count else logits.new_zeros(count, *logits.shape[1:]).index_copy_(
+            0, index, logits)                                             # [B, stop - start, V]
+        values = signal_fn(start, stop, block)
+        if tuple(values.shape) != (count, stop - start):
+            raise ValueError(f"signal_fn must return [{count}, {stop - start}] for positions [{start}, {stop}), "
+                             f"got {tuple(values.shape)}")
+        signal[index, start:stop] = torch.where(valid, values[index].float(), 0.0)
+        scored[index] = torch.tensor(ends, device=device)
+        for i, (b, end) in enumerate(zip(active, ends)):
+            pieces[b].append(logits[i, :end - start])
+        _, first = trd_fast.prefix_scan(signal[:, :stop], scored, threshold=threshold, window=window)
+        found = (first[index] < scored[index]).tolist()
+        left = [i for i, b in enumerate(active) if not found[i] and ends[i] < lengths[b]]
+        failures = [i for i in range(len(active)) if found[i]]
+        if failures:  # keep the failed rows' caches for the continuation (a copy while others go on)
+            kept = state.select(torch.tensor(failures, device=device)) if left else state
+            for j, i in enumerate(failures):
+                caches[active[i]] = (kept, j if left else i)
+        if left and len(left) < len(active):
+            state = state.select(torch.tensor(left, device=device))
+        active, start = [active[i] for i in left], stop
+    _, cut = trd_fast.prefix_scan(signal, scored, threshold=threshold, window=window)
+    logits = [p[0] if len(p) == 1 else torch.cat(p) for p in pieces]
+    some = next((p for p in logits if len(p)), None)
+    vocab = some.shape[-1] if some is not None else teacher.model.config.vocab_size
+    logits = [p if len(p) else torch.zeros(0, vocab, device=device) for p in logits]
+    return _Scoring(signal=signal, scored=scored, cut=cut, logits=logits, caches=caches)
+
+
+def _continue(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], scoring: _Scoring, failed: Tensor,
+              sampling: SamplingConfig, generator: torch.Generator, rows: list[int],
+              progress: str | None) -> tuple[list[Tensor], list[Tensor]]:
+    """y_r and targets per row: the failed rows continued from their cut, the others as scored."""
+    y_r, targets = list(y_o), list(scoring.logits)
+    fails = failed.nonzero()[:, 0].tolist()
+    if not fails:
+        return y_r, targets
+    device = teacher.device
+    trace = Trace(len(fails), device)
+    position = scoring.cut[fails].clone()                             # [F] y position of the next token to draw
+    scored = scoring.scored[fails]                                    # [F]
+    last = torch.zeros(len(fails), dtype=torch.int64, device=device)  # [F] the token each row drew last
+    replaying, needs = torch.arange(len(fails), device=device), []
+    while len(replaying):   # draw from the scoring logits while the teacher agrees with y_o
+        at = position[replaying]
+        raw = torch.stack([scoring.logits[fails[i]][p] for i, p in zip(replaying.tolist(), at.tolist())])
+        drawn = teacher.draw(trace, replaying, raw, sampling, generator, capture=True)
+        last[replaying] = drawn
+        going = (drawn != teacher.eos_id) & (trace.lengths[replaying] < sampling.max_new_tokens)
+        same = torch.tensor([int(y_o[fails[i]][p]) for i, p in zip(replaying.tolist(), at.tolist())],
+                            device=device) == drawn
+        agree = same & (at + 1 < scored[replaying])
+        needs.append(replaying[going & ~agree])
+        replaying = replaying[going & agree]
+        position[replaying] += 1
+    needs = torch.cat(needs)
+    if len(needs):
+        state = realign([(*scoring.caches[fails[i]], len(contexts[fails[i]]) + int(position[i]))
+                         for i in needs.tolist()])
+        scoring.caches.clear()  # the scoring caches go before decoding starts
+        budget = torch.full_like(trace.lengths, sampling.max_new_tokens)
+        teacher.decode(state, trace, needs, last, budget, sampling, generator, True, progress)
+    drawn_tokens, drawn_logits = trace.tokens(teacher.pad_id), trace.take_logits(targets[fails[0]].shape[-1])
+    for i, (b, n, k) in enumerate(zip(fails, trace.lengths.tolist(), scoring.cut[fails].tolist())):
+        y_r[b] = torch.cat([y_o[b][:k], drawn_tokens[i, :n]])
+        targets[b] = torch.cat([scoring.logits[b][:k], drawn_logits[i, :n]])
+    teacher.account_decode([rows[fails[i]] for i in needs.tolist()],
+                           [torch.cat([contexts[fails[i]], y_r[fails[i]][:-1]]) for i in needs.tolist()],
+                           [len(contexts[fails[i]]) + int(position[i]) for i in needs.tolist()])
+    return y_r, targets
