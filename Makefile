@@ -1,5 +1,6 @@
 # The README's commands. Each installs what it needs into $(VENV) first.
-#   make demo   install, then the main job on the shipped default
+#   make demo   install, then opd vs trd vs trd_splice on the shipped task (runs/demo/report.json)
+#   make pretrain  install, then retrain the shipped task's teacher and student from their seed
 #   make test   install, then the whole test suite (CPU; Triton kernels through the interpreter)
 #   make bench  install, then the CPU benchmarks (not part of make test)
 
@@ -9,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 export MAX_JOBS ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo pretrain test bench clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +30,10 @@ $(VENV)/.installed: $(VENV)/bin/python $(SOURCES)
 	@touch $@
 
 demo: install
-	$(PY) -m trd_fast.cli loss-demo
+	$(PY) -m trd_fast.cli demo
+
+pretrain: install
+	$(PY) -m trd_fast.cli pretrain
 
 test: install
 	$(PY) -m pytest -q tests

@@ -61,6 +61,58 @@ def _median_seconds(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def train_command(args: argparse.Namespace) -> None:
+    from trd_fast.trainer.config import load_config
+    from trd_fast.trainer.loop import train
+
+    config = load_config(args.config, args.set)
+    records = train(config, resolve_task(config))
+    if records:
+        last = records[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f}; metrics, checkpoint and curves in "
+              f"{config.run.output_dir}")
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from trd_fast.trainer.config import load_config
+    from trd_fast.trainer.generation import Runner
+    from trd_fast.trainer.loop import EVAL_SEED, evaluate
+    from trd_fast.trainer.models import load_causal_lm, load_tokenizer
+    from trd_fast.trainer.refine import Tokenize
+
+    config = load_config(args.config, args.set)
+    student = args.student or str(Path(config.run.output_dir) / "student")
+    tokenizer = load_tokenizer(student, role="student")
+    model = load_causal_lm(student, role="student", device=config.model.device)
+    task = resolve_task(config)
+    count = args.problems or config.data.eval_examples
+    examples = task.examples("eval", count, EVAL_SEED)
+    result = evaluate(Runner(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name="student",
+                             vocab_size=len(tokenizer)),
+                      task, Tokenize(tokenizer), examples, max_new_tokens=config.rollout.max_new_tokens,
+                      progress=config.run.progress)
+    result["student"] = student
+    print(json.dumps(result, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def resolve_task(config):
+    """The cli wires tasks into the task-agnostic trainer: a shipped task by name, or a JSONL file."""
+    if config.data.train_jsonl:
+        from trd_fast.trainer.jsonl_task import JsonlTask
+        return JsonlTask(config.data)
+    from trd_fast.tasks import ChainTask
+    tasks = {"chain": ChainTask}
+    if config.data.task not in tasks:
+        raise ValueError(f"config data.task: unknown task {config.data.task!r}; shipped: {sorted(tasks)}")
+    return tasks[config.data.task]()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="trd-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,9 +125,31 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--backend", default=None, choices=("auto", "cpp", "triton", "torch"))
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=loss_demo)
+
+    for name, run, text in (("train", train_command, "train a student (opd | trd | trd_splice) from a YAML config"),
+                            ("eval", eval_command, "greedy accuracy of a trained student on held-out problems")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--config", help="YAML run config (sections as in trd_fast.trainer.config)")
+        command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override one config value (repeatable), e.g. --set distill.mode=trd_splice")
+        if name == "eval":
+            command.add_argument("--student", help="model directory to evaluate (default: OUTPUT_DIR/student)")
+            command.add_argument("--problems", type=int, default=0, help="held-out problems (default: config)")
+            command.add_argument("--output", help="also write the result as JSON here")
+        command.set_defaults(run=run)
+
+    from trd_fast.tasks.demo import add_demo_arguments, run_demo
+    from trd_fast.tasks.pretrain import add_pretrain_arguments, run_pretrain
+    pretrain = commands.add_parser("pretrain", help="train the shipped task's teacher and student from scratch")
+    add_pretrain_arguments(pretrain)
+    pretrain.set_defaults(run=run_pretrain)
+    trd_demo = commands.add_parser("demo", help="opd vs trd vs trd_splice on the shipped task, several seeds")
+    add_demo_arguments(trd_demo)
+    trd_demo.set_defaults(run=run_demo)
+
     args = parser.parse_args(argv)
     args.run(args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

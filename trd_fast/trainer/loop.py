@@ -23,6 +23,9 @@ from .step import train_on
 from .task import Example, Task
 
 
+EVAL_SEED = 0  # the held-out problems do not change with the run's seed
+
+
 class NonFiniteLoss(FloatingPointError):
     pass
 
@@ -88,7 +91,7 @@ def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list
     log = MetricsLog(out, start)
     tokenize = Tokenize(engine.tokenizer)
     train_examples = task.examples("train", config.data.train_examples, config.run.seed)
-    eval_examples = task.examples("eval", config.data.eval_examples, config.run.seed)
+    eval_examples = task.examples("eval", config.data.eval_examples, EVAL_SEED)
     epistemic = _token_ids(engine.tokenizer, config.distill.epistemic_tokens)
 
     for step in tqdm(range(start, o.steps), desc=f"train {config.distill.mode}", initial=start, total=o.steps,

@@ -1,0 +1,45 @@
+"""A two-step miniature of `make demo` on the shipped models: the report's shape, the curves, and a rerun
+that reuses finished runs instead of training them again."""
+
+from __future__ import annotations
+
+import json
+
+from trd_fast.tasks.demo import METHODS, add_demo_arguments, run_demo
+
+
+def miniature(output):
+    import argparse
+    parser = add_demo_arguments(argparse.ArgumentParser())
+    return parser.parse_args(["--output", str(output), "--seeds", "0", "1", "--steps", "2", "--batch-size", "4",
+                              "--eval-problems", "24", "--curve-every", "1", "--curve-problems", "8",
+                              "--no-progress"])
+
+
+def test_demo_miniature_writes_the_report_and_resumes(tmp_path):
+    report = run_demo(miniature(tmp_path))
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["seeds"] == [0, 1] and on_disk["eval_problems"] == 24
+    assert set(on_disk["methods"]) == {"base", *METHODS}
+    for method, entry in on_disk["methods"].items():
+        assert len(entry["accuracy"]) == 2 and all(0.0 <= a <= 1.0 for a in entry["accuracy"])
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert on_disk["methods"]["base"]["accuracy"] == [base["accuracy"]] * 2 and base["problems"] == 24
+    for method in METHODS:
+        cost = on_disk["cost"][method]
+        assert cost["wall_s"] > 0 and cost["teacher_tokens"] > 0
+        lines = (tmp_path / method / "seed-1" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert on_disk["cost"]["trd"]["teacher_rescore_forwards"] == 0
+    assert on_disk["cost"]["trd_splice"]["teacher_rescore_forwards"] == 0
+    refinement = on_disk["refinement"]
+    for key in ("y_o_accuracy", "y_r_accuracy", "y_o_len", "y_r_len", "fail_to_pass", "pass_to_fail",
+                "prefix_failure_rate"):
+        assert 0.0 <= refinement[key] < 100.0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+    finished = {m: (tmp_path / m / "seed-0" / "final.json").stat().st_mtime_ns for m in METHODS}
+    again = run_demo(miniature(tmp_path))
+    assert {m: (tmp_path / m / "seed-0" / "final.json").stat().st_mtime_ns for m in METHODS} == finished
+    assert again["methods"] == report["methods"]

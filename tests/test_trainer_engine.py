@@ -1,0 +1,276 @@
+"""The TRD engine end to end on tiny random models: every mode and teacher source trains, the teacher targets
+captured during refinement equal a fresh teacher forward, splices keep y_o's prefix, nothing is re-scored,
+resume reproduces the loss curve, and bad input stops with a clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import trd_fast
+from tiny_models import make_model, make_pair, make_tokenizer, write_jsonl
+from trd_fast.trainer import loop
+from trd_fast.trainer.config import from_dict
+from trd_fast.trainer.engine import build_engine
+from trd_fast.trainer.jsonl_task import JsonlTask
+from trd_fast.trainer.refine import Tokenize, build_batch
+from trd_fast.trainer.step import train_on
+
+MODES = ("opd", "trd", "trd_splice")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    student, teacher = make_pair(root)
+    data = write_jsonl(root / "train.jsonl", 32)
+    return {"student": str(student), "teacher": str(teacher), "data": str(data)}
+
+
+def make_config(models, out, **sections):
+    raw = {"model": {"student": models["student"], "teacher": models["teacher"]},
+           "data": {"train_jsonl": models["data"], "eval_examples": 8},
+           "rollout": {"max_new_tokens": 6, "temperature": 1.0},
+           "distill": {"splice_threshold": 3.0, "splice_window": 1},
+           "optim": {"steps": 2, "batch_size": 4, "lr": 1e-3},
+           "run": {"output_dir": str(out), "progress": False, "checkpoint_every": 1}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(raw)
+
+
+def teacher_forward(model, context, completion):
+    ids = torch.cat([context, completion])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    return logits[len(context) - 1:len(context) + len(completion) - 1].float()
+
+
+@pytest.mark.parametrize("source", ["external", "self"])
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_trains_two_steps(models, tmp_path, mode, source):
+    config = make_config(models, tmp_path, distill={"mode": mode, "teacher_source": source})
+    records = loop.train(config, JsonlTask(config.data))
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["loss"] >= 0
+        assert r["trained_tokens"] > 0 and r["student_decode_tokens"] > 0
+        assert r["teacher_tokens"] == r["teacher_prefill_tokens"] + r["teacher_decode_tokens"] > 0
+        if mode != "opd":
+            assert r["teacher_rescore_forwards"] == 0 and r["teacher_rescore_tokens"] == 0
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "curves.png").stat().st_size > 0
+    assert (tmp_path / "student" / "config.json").is_file()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+@pytest.mark.parametrize("source", ["external", "self"])
+@pytest.mark.parametrize("mode", MODES)
+def test_captured_targets_equal_a_fresh_teacher_forward(models, tmp_path, mode, source):
+    config = make_config(models, tmp_path, distill={"mode": mode, "teacher_source": source, "splice_chunk": 2})
+    task = JsonlTask(config.data)
+    engine = build_engine(config)
+    tokenize = Tokenize(engine.tokenizer)
+    examples = list(task.examples("train", 6, 0))
+    engine.teacher.new_step()
+    batch = build_batch(config, task, tokenize, examples, engine.student, engine.teacher,
+                        torch.Generator().manual_seed(3), list(range(len(examples))), {}, lambda: 0.0)
+    teacher_model = engine.teacher.model
+    privileged = source == "self"
+    for b, example in enumerate(examples):
+        if mode == "trd":
+            context = tokenize(task.refine_prompt(example, tokenize.text(batch.originals[b]), privileged))
+        else:
+            context = tokenize(task.teacher_prompt(example, privileged))
+        expected = teacher_forward(teacher_model, context, batch.completions[b])
+        torch.testing.assert_close(batch.targets[b], expected, atol=1e-4, rtol=1e-4)
+        assert batch.weights[b].shape == batch.completions[b].shape
+    if mode == "trd_splice":
+        for b, k in enumerate(batch.cut.tolist()):
+            assert torch.equal(batch.completions[b][:k], batch.originals[b][:k])
+            if k == len(batch.originals[b]):
+                assert torch.equal(batch.completions[b], batch.originals[b])
+    if mode != "opd":
+        assert engine.teacher.counters.rescore_forwards == 0
+    else:
+        assert torch.equal(torch.cat(batch.completions), torch.cat(batch.originals))
+
+
+def test_splice_failure_points_match_prefix_scan_of_a_fresh_signal(models, tmp_path):
+    def spliced(threshold):
+        config = make_config(models, tmp_path, distill={"mode": "trd_splice", "splice_threshold": threshold,
+                                                        "splice_window": 2})
+        engine = build_engine(config)
+        task = JsonlTask(config.data)
+        examples = list(task.examples("train", 8, 0))
+        batch = build_batch(config, task, Tokenize(engine.tokenizer), examples, engine.student, engine.teacher,
+                            torch.Generator().manual_seed(5), list(range(8)), {}, lambda: 0.0)
+        return engine, task, examples, batch
+
+    engine, task, examples, batch = spliced(1e9)  # no failure: y_o comes back whole
+    tokenize = Tokenize(engine.tokenizer)
+    signals, lengths = torch.zeros(8, 6), torch.zeros(8, dtype=torch.int64)
+    for b, example in enumerate(examples):
+        y_o = batch.originals[b]
+        assert torch.equal(batch.completions[b], y_o)
+        logits = teacher_forward(engine.teacher.model, tokenize(task.teacher_prompt(example, False)), y_o)
+        signals[b, :len(y_o)] = -trd_fast.token_logprobs(logits, y_o)
+        lengths[b] = len(y_o)
+    trailing = (signals + signals.roll(1, dims=1)) / 2  # window 2 (position 0 is checked against its own value)
+    threshold = trailing[:, 1:].max(dim=1).values.median().item()  # about half the rows fail
+    _, first = trd_fast.prefix_scan(signals, lengths, threshold=threshold, window=2)
+    assert 0 < (first < lengths).sum() < 8, "the fixture should give both failed and clean rows"
+    originals = batch.originals
+    _, _, _, batch = spliced(threshold)  # the same seed: the same y_o
+    assert all(torch.equal(a, b) for a, b in zip(batch.originals, originals))
+    assert torch.equal(batch.cut, first)
+    for b, k in enumerate(first.tolist()):
+        assert torch.equal(batch.completions[b][:k], batch.originals[b][:k])
+
+
+def test_splice_weights_separate_prefix_and_suffix(models, tmp_path):
+    config = make_config(models, tmp_path, distill={"mode": "trd_splice", "prefix_weight": 0.25,
+                                                    "suffix_weight": 2.0})
+    task = JsonlTask(config.data)
+    engine = build_engine(config)
+    batch = build_batch(config, task, Tokenize(engine.tokenizer), list(task.examples("train", 8, 0)),
+                        engine.student, engine.teacher, torch.Generator().manual_seed(5), list(range(8)), {},
+                        lambda: 0.0)
+    for w, k in zip(batch.weights, batch.cut.tolist()):
+        assert torch.all(w[:k] == 0.25) and torch.all(w[k:] == 2.0)
+
+
+def test_gradient_accumulation_matches_one_batch(models, tmp_path):
+    config = make_config(models, tmp_path, distill={"mode": "trd"})
+    task = JsonlTask(config.data)
+    engine = build_engine(config)
+    examples = list(task.examples("train", 5, 0))
+    batch = build_batch(config, task, Tokenize(engine.tokenizer), examples, engine.student, engine.teacher,
+                        torch.Generator().manual_seed(1), list(range(5)), {}, lambda: 0.0)
+    model = engine.student_model
+    gradients, losses = [], []
+    for pieces in (1, 3):
+        model.zero_grad(set_to_none=True)
+        result = train_on(model, batch, config.distill, micro_batches=pieces, epistemic_ids=torch.tensor([10]),
+                          inplace_backward=True)
+        losses.append(result.loss)
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(models, tmp_path, monkeypatch):
+    settings = dict(distill={"mode": "trd_splice"}, optim={"steps": 4, "batch_size": 3, "warmup_steps": 1})
+    whole_config = make_config(models, tmp_path / "whole", **settings)
+    whole = loop.train(whole_config, JsonlTask(whole_config.data))
+
+    real_step = loop._one_step
+
+    def crash_after_two(config, task, engine, tokenize, examples, step, *rest):
+        if step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(config, task, engine, tokenize, examples, step, *rest)
+
+    config = make_config(models, tmp_path / "split", **settings)
+    monkeypatch.setattr(loop, "_one_step", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config, JsonlTask(config.data))
+    monkeypatch.setattr(loop, "_one_step", real_step)
+    resumed = loop.train(config, JsonlTask(config.data))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+        assert a["y_o_len"] == b["y_o_len"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(models, tmp_path, monkeypatch):
+    import trd_fast.trainer.step as step_module
+
+    config = make_config(models, tmp_path, optim={"steps": 3})
+    real = step_module.train_on
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            result.loss = float("nan")
+        return result
+
+    monkeypatch.setattr(loop, "train_on", poisoned)
+    with pytest.raises(loop.NonFiniteLoss, match="at step 2"):
+        loop.train(config, JsonlTask(config.data))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_sparse_teacher_targets_warn_in_trd(models, tmp_path):
+    config = make_config(models, tmp_path, distill={"mode": "trd", "dense_target_mb": 1e-6, "teacher_top_k": 4},
+                         optim={"steps": 1})
+    with pytest.warns(UserWarning, match="full-vocabulary"):
+        records = loop.train(config, JsonlTask(config.data))
+    assert records[0]["sparse_targets"] is True and math.isfinite(records[0]["loss"])
+
+
+def test_lora_self_teacher_is_the_frozen_base(models, tmp_path):
+    pytest.importorskip("peft")
+    config = make_config(models, tmp_path, model={"lora_rank": 4}, distill={"mode": "trd", "teacher_source": "self"},
+                         optim={"steps": 2, "lr": 5e-2})
+    engine = build_engine(config)
+    ids = torch.tensor([[1, 4, 19, 13, 20, 12]])
+    with torch.no_grad():
+        before = engine.teacher.model(input_ids=ids).logits.clone()
+    loop.train(config, JsonlTask(config.data), engine=engine)
+    with torch.no_grad():
+        after_teacher = engine.teacher.model(input_ids=ids).logits
+        after_student = engine.student_model(input_ids=ids).logits
+    torch.testing.assert_close(after_teacher, before, atol=1e-6, rtol=0)
+    assert not torch.allclose(after_student, before, atol=1e-4)
+    trainable = [n for n, p in engine.student_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+
+
+def test_tokenizer_mismatch_names_both_models(models, tmp_path):
+    other = tmp_path / "other"
+    tokenizer = make_tokenizer(other, reverse_words=True)  # the same ids, the words in another order
+    make_model(other, "llama", len(tokenizer))
+    config = make_config(models, tmp_path, model={"teacher": str(other)})
+    with pytest.raises(ValueError) as error:
+        build_engine(config)
+    assert models["student"] in str(error.value) and str(other) in str(error.value)
+
+
+def test_bad_paths_and_config_errors_are_clear(models, tmp_path):
+    from trd_fast.cli import main
+
+    with pytest.raises((FileNotFoundError, ValueError), match="teacher"):
+        main(["train", "--set", f"model.student={models['student']}", "--set", "model.teacher=/no/such/model",
+              "--set", f"data.train_jsonl={models['data']}", "--set", f"run.output_dir={tmp_path}",
+              "--set", "run.progress=false"])
+    with pytest.raises(FileNotFoundError, match="does-not-exist.yaml"):
+        main(["train", "--config", str(tmp_path / "does-not-exist.yaml")])
+    with pytest.raises(ValueError, match="distill.mode"):
+        make_config(models, tmp_path, distill={"mode": "rewrite"})
+    with pytest.raises(ValueError, match="unknown key"):
+        make_config(models, tmp_path, distill={"modee": "trd"})
+    with pytest.raises(ValueError, match="optim.micro_batches"):
+        make_config(models, tmp_path, optim={"micro_batches": 9})
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        JsonlTask(make_config(models, tmp_path, data={"train_jsonl": str(tmp_path / "nothing.jsonl")}).data)
+
+
+def test_cli_train_then_eval(models, tmp_path, capsys):
+    from trd_fast.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  student: {models['student']}\n  teacher: {models['teacher']}\n"
+                      f"data:\n  train_jsonl: {models['data']}\n  eval_examples: 8\n"
+                      f"rollout:\n  max_new_tokens: 5\noptim:\n  steps: 1\n  batch_size: 2\n"
+                      f"run:\n  output_dir: {tmp_path / 'run'}\n  progress: false\n")
+    main(["train", "--config", str(config), "--set", "distill.mode=trd_splice"])
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    main(["eval", "--config", str(config), "--output", str(tmp_path / "eval.json")])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["problems"] == 8 and 0.0 <= result["accuracy"] <= 1.0
