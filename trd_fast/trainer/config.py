@@ -66,7 +66,7 @@ class DistillConfig:
     splice_signal: str = "nll"         # trd_splice: nll (teacher NLL of y_o's token) | log_ratio (log p_s - log p_T) | divergence (reverse KL)
     splice_threshold: float = 2.0      # trd_splice: a trailing mean of the signal above this marks the failure point
     splice_window: int = 1             # trd_splice: positions in that trailing mean
-    splice_chunk: int = 0              # trd_splice: score y_o in chunks of this many tokens, stopping at failures; 0: one pass
+    splice_chunk: int = 4              # trd_splice: score y_o this many tokens at a time, a row stops at its failure; 0: one pass
     prefix_weight: float = 1.0         # trd_splice: loss weight of y_r tokens kept from y_o
     suffix_weight: float = 1.0         # trd_splice: loss weight of the teacher's continuation
     epistemic_tokens: tuple[str, ...] = ("Wait", "Actually")  # words whose teacher probability mass is logged
