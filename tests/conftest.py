@@ -68,6 +68,15 @@ def half_backend(request):
 
 # ---------------------------------------------------------------------------------------------- inputs
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread (a second OpenMP thread on a busy 2-core box costs ms per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randn(*shape, seed=0, scale=2.0, dtype=torch.float32):
     """Deterministic N(0, scale^2) values in `dtype` (drawn in fp32, so every dtype sees the same numbers)."""
     generator = torch.Generator().manual_seed(seed)

@@ -11,13 +11,7 @@ from trd_fast.integrations import DistillTrainer
 VOCAB = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread (a second OpenMP thread on a busy 2-core box costs ms per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lm(seed, vocab=VOCAB):

@@ -230,6 +230,10 @@ def test_lora_self_teacher_is_the_frozen_base(models, tmp_path):
     assert not torch.allclose(after_student, before, atol=1e-4)
     trainable = [n for n, p in engine.student_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
+    from trd_fast.trainer.models import load_causal_lm
+    merged = load_causal_lm(tmp_path / "student", role="student")  # saved with the adapters merged
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, after_student, atol=1e-5, rtol=1e-5)
 
 
 def test_tokenizer_mismatch_names_both_models(models, tmp_path):

@@ -18,13 +18,7 @@ CONTEXT_LENGTHS = (3, 8, 1, 5)
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread (a second OpenMP thread on a busy 2-core box costs ms per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lm(family: str, seed: int, vocab: int = VOCAB):

@@ -32,7 +32,7 @@ REFINEMENT = ("y_o_accuracy", "y_r_accuracy", "y_o_len", "y_r_len", "fail_to_pas
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output", default="runs/demo", help="where runs, report.json and curves.png go")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per step")

@@ -62,11 +62,13 @@ class DistillConfig:
     jsd_beta: float = 0.5              # jsd: interpolation weight of the teacher
     temperature: float = 1.0           # temperature of both distributions in the loss
     teacher_top_k: int = 64            # teacher targets kept as top-k SparseTeacher when dense ones exceed the budget
-    dense_target_mb: float = 2048.0    # budget for dense teacher targets per step, in MiB
-    splice_signal: str = "nll"         # trd_splice: nll (teacher NLL of y_o's token) | log_ratio (log p_s - log p_T) | divergence (reverse KL)
+    dense_target_mb: float = 2048.0    # budget for dense teacher targets per micro-batch, in MiB
+    splice_signal: str = "nll"         # trd_splice: nll (teacher NLL of y_o's token) | log_ratio (log p_s - log p_T)
+                                       # | divergence (reverse KL of student and teacher at the position)
     splice_threshold: float = 2.0      # trd_splice: a trailing mean of the signal above this marks the failure point
     splice_window: int = 1             # trd_splice: positions in that trailing mean
-    splice_chunk: int = 4              # trd_splice: score y_o this many tokens at a time, a row stops at its failure; 0: one pass
+    splice_chunk: int = 4              # trd_splice: score y_o this many tokens at a time, a row stopping at its
+                                       # failure point; 0: one pass over all of y_o
     prefix_weight: float = 1.0         # trd_splice: loss weight of y_r tokens kept from y_o
     suffix_weight: float = 1.0         # trd_splice: loss weight of the teacher's continuation
     epistemic_tokens: tuple[str, ...] = ("Wait", "Actually")  # words whose teacher probability mass is logged
@@ -203,6 +205,11 @@ def _convert(value: Any, default: Any, key: str) -> Any:
             raise ValueError(f"config {key}: expected a list, got {value!r}")
         return tuple(str(v) for v in value)
     if isinstance(default, (int, float)):
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config {key}: expected a number, got {value!r}")
         if isinstance(default, int) and not float(value).is_integer():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import warnings
@@ -171,8 +172,11 @@ def _token_ids(tokenizer, words: Sequence[str]) -> torch.Tensor:
 
 
 def _save_student(model, tokenizer, directory: Path) -> None:
+    """The trained student as a plain model directory (LoRA adapters merged into a copy of the weights)."""
     temporary = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     shutil.rmtree(directory, ignore_errors=True)
