@@ -158,7 +158,8 @@ def train_one(name: str, steps: int, lr: float, args, tokenizer, task: ChainTask
     for step in bar:
         model.train()
         rng = random.Random(f"pretrain-{args.seed}-{name}-{step}")
-        ids, mask, labels = make_batch(tokenizer, [training_pair(task, rng, MIXES[name]) for _ in range(args.batch_size)])
+        pairs = [training_pair(task, rng, MIXES[name]) for _ in range(args.batch_size)]
+        ids, mask, labels = make_batch(tokenizer, pairs)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss

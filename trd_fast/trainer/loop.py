@@ -136,6 +136,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
                             f"{config.run.output_dir}/checkpoint.pt keeps the last good state")
     grad_norm = (torch.nn.utils.clip_grad_norm_(engine.student_model.parameters(), config.optim.max_grad_norm)
                  if config.optim.max_grad_norm > 0 else torch.tensor(float("nan")))
+    lr = scheduler.get_last_lr()[0]  # the rate this step used
     optimizer.step()
     scheduler.step()
     phases["train"] = clock() - started
@@ -144,7 +145,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     s, t = engine.student.counters, engine.teacher.counters
     record = {"step": step + 1, "loss": result.loss, "divergence": result.divergence, "entropy": result.entropy,
               "epistemic_mass": result.epistemic_mass, "trained_tokens": result.tokens,
-              "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+              "grad_norm": float(grad_norm), "lr": lr,
               "sparse_targets": result.sparse_targets, "step_s": wall,
               "trained_tokens_per_s": result.tokens / wall,
               **{f"{name}_s": seconds for name, seconds in phases.items()},
