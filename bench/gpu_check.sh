@@ -4,8 +4,8 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
-# Files written to $OUT (5): build.log, tests.log, bench.log, summary.md, gpu-<device>.json (also kept in
-# bench/results/). The whole script aims at under 5 minutes on an H100:
+# Files written to $OUT: build.log, tests.log, engine.log (+ engine-<mode>/ run folders), bench.log,
+# summary.md, gpu-<device>.json (also kept in bench/results/). The whole script aims at under 5 minutes on an H100:
 #   GPU_CHECK_BUDGET_S  total budget in seconds (default 280); benchmark rows that would start after it are
 #                       recorded as skipped, so the JSON and summary.md are always written
 #   GPU_CHECK_TEST_S    cap on both test runs together (default 120 s; 2/3 for tests/test_triton_gpu.py)
@@ -85,6 +85,23 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]; then
   fi
   say "tests: $test_status"
 fi
+
+# 3b. the TRD engine on CUDA: three trd_splice steps and three trd steps on the shipped task (engine.log)
+engine_status="not run (needs pyyaml and matplotlib in the image)"
+if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
+  set +e
+  for mode in trd_splice trd; do
+    timeout -k 5 60 $PY -m trd_fast.cli train --config configs/chain-trd.yaml --set model.device=cuda \
+      --set distill.mode=$mode --set optim.steps=3 --set run.progress=false --set run.eval_every=3 \
+      --set run.output_dir="$OUT/engine-$mode" >> "$OUT/engine.log" 2>&1
+    engine_rc=$?
+    [ "$engine_rc" -ne 0 ] && break
+  done
+  set -e
+  engine_status="rc $engine_rc (metrics in engine-*/metrics.jsonl)"
+fi
+say "engine: $engine_status"
+test_status="$test_status; engine on CUDA: $engine_status"
 
 # 4. benchmarks: rows that would start past the budget are recorded as skipped
 budget=$(( $(left) - 15 ))

@@ -49,8 +49,9 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
              inplace_backward: bool) -> StepResult:
     """Forward and backward over the batch (gradients accumulate in the model); no optimizer step."""
     spec = loss_spec(d)
+    device = next(model.parameters()).device
     total = sum(len(y) for y in batch.completions)
-    normalizer = torch.tensor(float(max(total, 1)))
+    normalizer = torch.tensor(float(max(total, 1)), device=device)
     rows = len(batch.completions)
     bounds = [round(i * rows / micro_batches) for i in range(micro_batches + 1)]
     loss_sum = divergence_sum = entropy_sum = mass_sum = 0.0
@@ -58,10 +59,11 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if lo == hi:
             continue
-        sequences = [torch.cat([x, y]) for x, y in zip(batch.contexts[lo:hi], batch.completions[lo:hi])]
+        sequences = [torch.cat([x.to(device), y.to(device)])
+                     for x, y in zip(batch.contexts[lo:hi], batch.completions[lo:hi])]
         keep = [torch.arange(len(x) - 1, len(x) + len(y) - 1)
                 for x, y in zip(batch.contexts[lo:hi], batch.completions[lo:hi])]
-        weight = torch.cat(batch.weights[lo:hi])                               # [n]
+        weight = torch.cat(batch.weights[lo:hi]).to(device)                    # [n]
         logits = packed_logits(model, sequences, keep)                         # [n, V_s]
         targets = build_targets(batch.targets[lo:hi], budget_mb=d.dense_target_mb, top_k=d.teacher_top_k,
                                 student_vocab=logits.shape[-1])
@@ -69,7 +71,7 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
         with torch.no_grad():
             log_p = torch.log_softmax(logits.float(), dim=-1)
             entropy_sum += float(-(log_p.exp() * log_p).nan_to_num().sum())
-            mass_sum += float(targets.mass_on(epistemic_ids).sum())
+            mass_sum += float(targets.mass_on(epistemic_ids.to(device)).sum())
         loss, per_token = trd_fast.distillation_loss(
             logits, targets.rows(slice(None)), divergence=spec.divergence, beta=spec.beta,
             temperature=d.temperature, top_k=None if targets.is_sparse else spec.top_k, clip=spec.clip,

@@ -27,8 +27,8 @@ class Targets:
     def mass_on(self, token_ids: Tensor) -> Tensor:
         """Mean teacher probability (at T = 1) on `token_ids` per trained token: [N] fp32."""
         if token_ids.numel() == 0:
-            count = self.dense.shape[0] if self.dense is not None else self.sparse.ids.shape[0]
-            return torch.zeros(count)
+            rows = self.dense if self.dense is not None else self.sparse.logprobs
+            return rows.new_zeros(rows.shape[0])
         if self.dense is not None:
             probs = torch.softmax(self.dense.float(), dim=-1)          # [N, V]
             inside = token_ids[token_ids < probs.shape[-1]]
