@@ -246,15 +246,23 @@ def test_tokenizer_mismatch_names_both_models(models, tmp_path):
     assert models["student"] in str(error.value) and str(other) in str(error.value)
 
 
-def test_bad_paths_and_config_errors_are_clear(models, tmp_path):
+def test_bad_paths_and_config_errors_are_clear(models, tmp_path, capsys):
     from trd_fast.cli import main
 
-    with pytest.raises((FileNotFoundError, ValueError), match="teacher"):
-        main(["train", "--set", f"model.student={models['student']}", "--set", "model.teacher=/no/such/model",
-              "--set", f"data.train_jsonl={models['data']}", "--set", f"run.output_dir={tmp_path}",
-              "--set", "run.progress=false"])
-    with pytest.raises(FileNotFoundError, match="does-not-exist.yaml"):
-        main(["train", "--config", str(tmp_path / "does-not-exist.yaml")])
+    def fails(argv, *words):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        message = capsys.readouterr().err.splitlines()[-1]
+        assert exit_.value.code == 2 and message.startswith(f"trd-fast {argv[0]}: error:")
+        assert all(word in message for word in words), message
+
+    fails(["train", "--set", f"model.student={models['student']}", "--set", "model.teacher=/no/such/model",
+           "--set", f"data.train_jsonl={models['data']}", "--set", f"run.output_dir={tmp_path}",
+           "--set", "run.progress=false"], "teacher", "/no/such/model")
+    fails(["train", "--config", str(tmp_path / "does-not-exist.yaml")], "does-not-exist.yaml")
+    fails(["eval", "--set", f"model.student={models['student']}", "--set", f"model.teacher={models['teacher']}",
+           "--set", f"data.train_jsonl={models['data']}", "--student", str(tmp_path / "nothing-here")],
+          "student", "nothing-here")
     with pytest.raises(ValueError, match="distill.mode"):
         make_config(models, tmp_path, distill={"mode": "rewrite"})
     with pytest.raises(ValueError, match="unknown key"):

@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     trd_demo.set_defaults(run=run_demo)
 
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message names it, no traceback
+        parser.exit(2, f"trd-fast {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -42,11 +42,12 @@ class AdapterDisabled:
 def build_engine(config: TrainConfig) -> Engine:
     m = config.model
     dtype = DTYPES[m.dtype]
+    external = config.distill.teacher_source == "external"
     tokenizer = load_tokenizer(m.student, role="student")
+    if external:  # both paths and the tokenizers' agreement are checked before any weights load
+        check_tokenizers_agree(tokenizer, load_tokenizer(m.teacher, role="teacher"), m.student, m.teacher)
     student = load_causal_lm(m.student, role="student", device=m.device, dtype=dtype)
-    if config.distill.teacher_source == "external":
-        teacher_tokenizer = load_tokenizer(m.teacher, role="teacher")
-        check_tokenizers_agree(tokenizer, teacher_tokenizer, m.student, m.teacher)
+    if external:
         teacher = load_causal_lm(m.teacher, role="teacher", device=m.device, dtype=dtype)
     elif m.lora_rank == 0:
         teacher = copy.deepcopy(student)
