@@ -286,3 +286,89 @@ def test_cli_train_then_eval(models, tmp_path, capsys):
     main(["eval", "--config", str(config), "--output", str(tmp_path / "eval.json")])
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["problems"] == 8 and 0.0 <= result["accuracy"] <= 1.0
+
+
+OPD_LOSSES = {  # opd_loss -> the fused loss's options it must select
+    "reverse_kl": dict(divergence="reverse_kl"),
+    "forward_kl": dict(divergence="forward_kl"),
+    "clipped_forward_kl": dict(divergence="forward_kl", clip=0.05),
+    "top_k_reverse_kl": dict(divergence="reverse_kl", top_k=3),
+    "jsd": dict(divergence="jsd", beta=0.3),
+}
+
+
+@pytest.mark.parametrize("opd_loss", sorted(OPD_LOSSES))
+def test_opd_baselines_select_their_loss(models, tmp_path, opd_loss):
+    config = make_config(models, tmp_path, distill={"mode": "opd", "opd_loss": opd_loss, "clip": 0.05,
+                                                    "loss_top_k": 3, "jsd_beta": 0.3})
+    task = JsonlTask(config.data)
+    engine = build_engine(config)
+    batch = build_batch(config, task, Tokenize(engine.tokenizer), list(task.examples("train", 4, 0)),
+                        engine.student, engine.teacher, torch.Generator().manual_seed(2), list(range(4)), {},
+                        lambda: 0.0)
+    model = engine.student_model
+    result = train_on(model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
+                      inplace_backward=False)
+    with torch.no_grad():
+        student = torch.cat([teacher_forward(model, x, y) for x, y in zip(batch.contexts, batch.completions)])
+        probs = torch.softmax(student, -1)
+        entropy = -(probs * torch.log_softmax(student, -1)).sum(-1).mean()
+    expected = trd_fast.distillation_loss(student.double(), torch.cat(batch.targets).double(), backend="torch",
+                                          **OPD_LOSSES[opd_loss])
+    assert result.loss == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    assert result.entropy == pytest.approx(float(entropy), rel=1e-4)
+    teacher_probs = torch.softmax(torch.cat(batch.targets), -1)
+    assert result.epistemic_mass == pytest.approx(float(teacher_probs[:, 10].mean()), rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("signal", ["log_ratio", "divergence"])
+def test_splice_signals_match_a_fresh_computation(models, tmp_path, signal):
+    def spliced(threshold):
+        config = make_config(models, tmp_path, distill={"mode": "trd_splice", "splice_signal": signal,
+                                                        "splice_threshold": threshold})
+        engine = build_engine(config)
+        task = JsonlTask(config.data)
+        examples = list(task.examples("train", 8, 0))
+        batch = build_batch(config, task, Tokenize(engine.tokenizer), examples, engine.student, engine.teacher,
+                            torch.Generator().manual_seed(5), list(range(8)), {}, lambda: 0.0)
+        return engine, task, examples, batch
+
+    engine, task, examples, batch = spliced(1e9)
+    tokenize = Tokenize(engine.tokenizer)
+    signals, lengths = torch.zeros(8, 6), torch.zeros(8, dtype=torch.int64)
+    for b, example in enumerate(examples):
+        y_o = batch.originals[b]
+        student = teacher_forward(engine.student_model, tokenize(task.student_prompt(example)), y_o)
+        teacher = teacher_forward(engine.teacher.model, tokenize(task.teacher_prompt(example, False)), y_o)
+        if signal == "log_ratio":
+            value = trd_fast.token_logprobs(student, y_o) - trd_fast.token_logprobs(teacher, y_o)
+        else:
+            value = trd_fast.reference.per_position_divergence(student.double(), teacher.double(),
+                                                               divergence="reverse_kl").float()
+        signals[b, :len(y_o)] = value
+        lengths[b] = len(y_o)
+    threshold = signals.max(dim=1).values.median().item() - 1e-3
+    _, first = trd_fast.prefix_scan(signals, lengths, threshold=threshold, window=1)
+    assert 0 < (first < lengths).sum() < 8
+    _, _, _, batch = spliced(threshold)
+    assert torch.equal(batch.cut, first)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(models, tmp_path, monkeypatch):
+    import trd_fast.trainer.checkpoint as checkpoint
+
+    config = make_config(models, tmp_path, optim={"steps": 2})
+    loop.train(config, JsonlTask(config.data))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def crash_midway(state, path):
+        real_save({"partial": True}, path)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash_midway)
+    resumed = make_config(models, tmp_path, optim={"steps": 3})
+    with pytest.raises(OSError, match="disk full"):
+        loop.train(resumed, JsonlTask(resumed.data))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
