@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from trd_fast.tasks.demo import METHODS, add_demo_arguments, run_demo
+from trd_fast.drivers.demo import METHODS, add_demo_arguments, run_demo
 
 
 def miniature(output):

@@ -8,7 +8,7 @@ import torch
 from trd_fast.tasks import ChainConfig, ChainTask, checkpoint_dir
 from trd_fast.tasks.generator import flawed_attempt, parse_problem, problems, solution, values
 from trd_fast.tasks.tokenizer import EPISTEMIC_WORDS, build_tokenizer
-from trd_fast.trainer.task import Example
+from trd_fast.trainer.protocol import Example
 
 TASK = ChainTask()
 M = TASK.config.modulus

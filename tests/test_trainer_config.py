@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trd_fast.trainer.config import load_config
+from trd_fast.trainer.run.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.student=s", "model.teacher=t", "data.task=chain"]

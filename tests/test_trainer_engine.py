@@ -13,11 +13,11 @@ import torch
 import trd_fast
 from tiny_models import make_model, make_pair, make_tokenizer, write_jsonl
 from trd_fast.trainer import loop
-from trd_fast.trainer.config import from_dict
-from trd_fast.trainer.engine import build_engine
-from trd_fast.trainer.jsonl_task import JsonlTask
-from trd_fast.trainer.refine import Tokenize, build_batch
-from trd_fast.trainer.step import train_on
+from trd_fast.trainer.run.config import from_dict
+from trd_fast.trainer.run.engine import build_engine
+from trd_fast.tasks.jsonl import JsonlTask
+from trd_fast.trainer.refine.batch import Tokenize, build_batch
+from trd_fast.trainer.train.step import train_on
 
 MODES = ("opd", "trd", "trd_splice")
 
@@ -187,7 +187,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(models, tmp_path, monkey
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(models, tmp_path, monkeypatch):
-    import trd_fast.trainer.step as step_module
+    import trd_fast.trainer.train.step as step_module
 
     config = make_config(models, tmp_path, optim={"steps": 3})
     real = step_module.train_on
@@ -230,7 +230,7 @@ def test_lora_self_teacher_is_the_frozen_base(models, tmp_path):
     assert not torch.allclose(after_student, before, atol=1e-4)
     trainable = [n for n, p in engine.student_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
-    from trd_fast.trainer.models import load_causal_lm
+    from trd_fast.trainer.run.loading import load_causal_lm
     merged = load_causal_lm(tmp_path / "student", role="student")  # saved with the adapters merged
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, after_student, atol=1e-5, rtol=1e-5)
@@ -355,7 +355,7 @@ def test_splice_signals_match_a_fresh_computation(models, tmp_path, signal):
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(models, tmp_path, monkeypatch):
-    import trd_fast.trainer.checkpoint as checkpoint
+    import trd_fast.trainer.run.checkpoint as checkpoint
 
     config = make_config(models, tmp_path, optim={"steps": 2})
     loop.train(config, JsonlTask(config.data))

@@ -9,9 +9,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import trd_fast
-from trd_fast.trainer.generation import Rollout, Runner, SamplingConfig
-from trd_fast.trainer.sampling import sample
-from trd_fast.trainer.splice import splice
+from trd_fast.trainer.rollout.generation import Rollout, Runner, SamplingConfig
+from trd_fast.trainer.rollout.sampling import sample
+from trd_fast.trainer.refine.splice import splice
 
 VOCAB, PAD, EOS = 97, 0, 2
 CONTEXT_LENGTHS = (3, 8, 1, 5)

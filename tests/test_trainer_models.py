@@ -7,7 +7,7 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM)
 
-from trd_fast.trainer.models import (_packed, _padded, attention_implementation, check_tokenizers_agree,
+from trd_fast.trainer.run.loading import (_packed, _padded, attention_implementation, check_tokenizers_agree,
                                      load_causal_lm, load_tokenizer, packed_logits)
 
 VOCAB = 61

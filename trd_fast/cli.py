@@ -62,8 +62,8 @@ def _median_seconds(fn, repeats: int = 5) -> float:
 
 
 def train_command(args: argparse.Namespace) -> None:
-    from trd_fast.trainer.config import load_config
-    from trd_fast.trainer.loop import train
+    from trd_fast.trainer.run.config import load_config
+    from trd_fast.trainer.run.loop import train
 
     config = load_config(args.config, args.set)
     records = train(config, resolve_task(config))
@@ -78,11 +78,11 @@ def eval_command(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from trd_fast.trainer.config import load_config
-    from trd_fast.trainer.generation import Runner
-    from trd_fast.trainer.loop import EVAL_SEED, evaluate
-    from trd_fast.trainer.models import load_causal_lm, load_tokenizer
-    from trd_fast.trainer.refine import Tokenize
+    from trd_fast.trainer.run.config import load_config
+    from trd_fast.trainer.rollout.generation import Runner
+    from trd_fast.trainer.run.loop import EVAL_SEED, evaluate
+    from trd_fast.trainer.run.loading import load_causal_lm, load_tokenizer
+    from trd_fast.trainer.refine.batch import Tokenize
 
     config = load_config(args.config, args.set)
     student = args.student or str(Path(config.run.output_dir) / "student")
@@ -104,7 +104,7 @@ def eval_command(args: argparse.Namespace) -> None:
 def resolve_task(config):
     """The cli wires tasks into the task-agnostic trainer: a shipped task by name, or a JSONL file."""
     if config.data.train_jsonl:
-        from trd_fast.trainer.jsonl_task import JsonlTask
+        from trd_fast.tasks.jsonl import JsonlTask
         return JsonlTask(config.data)
     from trd_fast.tasks import ChainTask
     tasks = {"chain": ChainTask}
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, run, text in (("train", train_command, "train a student (opd | trd | trd_splice) from a YAML config"),
                             ("eval", eval_command, "greedy accuracy of a trained student on held-out problems")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--config", help="YAML run config (sections as in trd_fast.trainer.config)")
+        command.add_argument("--config", help="YAML run config (sections as in trd_fast.trainer.run.config)")
         command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one config value (repeatable), e.g. --set distill.mode=trd_splice")
         if name == "eval":
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             command.add_argument("--output", help="also write the result as JSON here")
         command.set_defaults(run=run)
 
-    from trd_fast.tasks.demo import add_demo_arguments, run_demo
-    from trd_fast.tasks.pretrain import add_pretrain_arguments, run_pretrain
+    from trd_fast.drivers.demo import add_demo_arguments, run_demo
+    from trd_fast.drivers.pretrain import add_pretrain_arguments, run_pretrain
     pretrain = commands.add_parser("pretrain", help="train the shipped task's teacher and student from scratch")
     add_pretrain_arguments(pretrain)
     pretrain.set_defaults(run=run_pretrain)

@@ -7,9 +7,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from trd_fast.trainer.task import Example
+from trd_fast.trainer.protocol import Example
 
-from .generator import STEP_TOKENS
+from trd_fast.tasks.generator import STEP_TOKENS
 
 
 @torch.no_grad()

@@ -14,14 +14,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .engine import Engine, build_engine
-from .generation import Runner, SamplingConfig
-from .metrics import CURVES, METRICS, MetricsLog, plot_curves, read_metrics
-from .refine import Tokenize, build_batch, rows_of
-from .step import train_on
-from .task import Example, Task
+from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint
+from trd_fast.trainer.run.config import TrainConfig
+from trd_fast.trainer.run.engine import Engine, build_engine
+from trd_fast.trainer.rollout.generation import Runner, SamplingConfig
+from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, plot_curves, read_metrics
+from trd_fast.trainer.refine.batch import Tokenize, build_batch, rows_of
+from trd_fast.trainer.train.step import train_on
+from trd_fast.trainer.protocol import Example, Task
 
 
 EVAL_SEED = 0  # the held-out problems do not change with the run's seed

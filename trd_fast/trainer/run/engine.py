@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
-from .generation import Runner
-from .models import check_tokenizers_agree, load_causal_lm, load_tokenizer
+from trd_fast.trainer.run.config import TrainConfig
+from trd_fast.trainer.rollout.generation import Runner
+from trd_fast.trainer.run.loading import check_tokenizers_agree, load_causal_lm, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -11,10 +11,10 @@ from torch import Tensor
 
 import trd_fast
 
-from .config import DistillConfig
-from .models import packed_logits
-from .refine import Batch
-from .targets import build_targets
+from trd_fast.trainer.run.config import DistillConfig
+from trd_fast.trainer.run.loading import packed_logits
+from trd_fast.trainer.refine.batch import Batch
+from trd_fast.trainer.train.targets import build_targets
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from trd_fast.trainer.config import TrainConfig, from_dict
-from trd_fast.trainer.generation import Runner
-from trd_fast.trainer.loop import EVAL_SEED, evaluate, train
-from trd_fast.trainer.metrics import METRICS, read_metrics
-from trd_fast.trainer.models import load_causal_lm, load_tokenizer
-from trd_fast.trainer.refine import Tokenize
+from trd_fast.trainer.run.config import TrainConfig, from_dict
+from trd_fast.trainer.rollout.generation import Runner
+from trd_fast.trainer.run.loop import EVAL_SEED, evaluate, train
+from trd_fast.trainer.run.metrics import METRICS, read_metrics
+from trd_fast.trainer.run.loading import load_causal_lm, load_tokenizer
+from trd_fast.trainer.refine.batch import Tokenize
 
-from .paths import checkpoint_dir
-from .task import ChainTask
+from trd_fast.tasks.paths import checkpoint_dir
+from trd_fast.tasks.chain import ChainTask
 
 METHODS = ("opd", "trd", "trd_splice")
 REFINEMENT = ("y_o_accuracy", "y_r_accuracy", "y_o_len", "y_r_len", "fail_to_pass", "pass_to_fail")

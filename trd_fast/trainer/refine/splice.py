@@ -17,10 +17,10 @@ from torch import Tensor
 
 import trd_fast
 
-from .generation import Rollout, Runner, resolve_row_ids
-from .kv_cache import CachedBatch, realign
-from .sampling import SamplingConfig
-from .trace import Trace
+from trd_fast.trainer.rollout.generation import Rollout, Runner, resolve_row_ids
+from trd_fast.trainer.rollout.kv_cache import CachedBatch, realign
+from trd_fast.trainer.rollout.sampling import SamplingConfig
+from trd_fast.trainer.rollout.trace import Trace
 
 # (start, stop, teacher logits [B, stop - start, V] for y_o positions [start, stop)) -> signal [B, stop - start]
 SignalFn = Callable[[int, int, Tensor], Tensor]

@@ -7,7 +7,7 @@ gets a brief training so it still fails often, mostly by a wrong intermediate va
 Resumable: the training state is written atomically every `--save-every` steps and a rerun continues from
 it; the data of step t depends only on (seed, model, t), so a resumed run sees the same batches.
 
-    python -m trd_fast.tasks.pretrain --models teacher student
+    python -m trd_fast.drivers.pretrain --models teacher student
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from trd_fast.trainer.task import Example
+from trd_fast.trainer.protocol import Example
 
-from .generator import ChainConfig, flawed_attempt, parse_problem, random_problem, solution, split_of, values
-from .models import SPECS, build_config
-from .paths import CHECKPOINTS
-from .task import ChainTask
-from .tokenizer import build_tokenizer
+from trd_fast.tasks.generator import ChainConfig, flawed_attempt, parse_problem, random_problem, solution, split_of, values
+from trd_fast.tasks.model_specs import SPECS, build_config
+from trd_fast.tasks.paths import CHECKPOINTS
+from trd_fast.tasks.chain import ChainTask
+from trd_fast.tasks.tokenizer import build_tokenizer
 
 # Share of each prompt kind in a model's training batches: (solve, refine, privileged solve, privileged refine).
 MIXES = {"teacher": (0.70, 0.20, 0.05, 0.05), "student": (0.80, 0.06, 0.10, 0.04)}

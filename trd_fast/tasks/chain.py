@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from trd_fast.trainer.task import Example
+from trd_fast.trainer.protocol import Example
 
-from .generator import ChainConfig, problems, solution, values
+from trd_fast.tasks.generator import ChainConfig, problems, solution, values
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from torch import Tensor
 
 import trd_fast
 
-from .config import TrainConfig
-from .generation import Rollout, Runner, SamplingConfig
-from .splice import splice
-from .task import Example, Task
+from trd_fast.trainer.run.config import TrainConfig
+from trd_fast.trainer.rollout.generation import Rollout, Runner, SamplingConfig
+from trd_fast.trainer.refine.splice import splice
+from trd_fast.trainer.protocol import Example, Task
 
 
 @dataclass

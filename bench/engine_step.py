@@ -1,8 +1,8 @@
 """One training step of each mode on the shipped task's models and the same batch: time per phase and the
 token counters (teacher prefill and decode apart, re-scoring forwards).
 
-    .venv/bin/python -m bench.engine            # -> bench/results/engine-cpu.json, table on stdout
-    .venv/bin/python -m bench.engine --smoke    # 1 repeat, small batch (JSON to the temp dir)
+    .venv/bin/python -m bench.engine_step            # -> bench/results/engine-cpu.json, table on stdout
+    .venv/bin/python -m bench.engine_step --smoke    # 1 repeat, small batch (JSON to the temp dir)
 
 Each mode runs `repeats` single-step trainings from the shipped student on the same prompts and the same
 sampling seed (so the same rollouts y_o); times are medians over the repeats, counters come from the last
@@ -22,7 +22,7 @@ import torch
 from bench import harness
 from trd_fast.tasks import ChainTask, checkpoint_dir
 from trd_fast.trainer import loop
-from trd_fast.trainer.config import from_dict
+from trd_fast.trainer.run.config import from_dict
 
 RUNS = (("opd", 0), ("trd", 0), ("trd_splice", 0), ("trd_splice", 4), ("trd_splice", 1))  # (mode, scoring chunk)
 PHASES = ("rollout_s", "refine_s", "train_s", "step_s")

@@ -13,10 +13,10 @@ from transformers import DynamicCache
 
 import trd_fast
 
-from .counters import Ledger, TokenCounters
-from .kv_cache import CachedBatch, check_full_attention
-from .sampling import SamplingConfig, sample
-from .trace import Trace
+from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
+from trd_fast.trainer.rollout.kv_cache import CachedBatch, check_full_attention
+from trd_fast.trainer.rollout.sampling import SamplingConfig, sample
+from trd_fast.trainer.rollout.trace import Trace
 
 __all__ = ["Rollout", "Runner", "SamplingConfig", "TokenCounters", "resolve_row_ids"]
 

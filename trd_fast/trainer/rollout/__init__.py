@@ -1,0 +1,1 @@
+"""Rollout: batched generation with a KV cache, sampling, the per-step trace and token counters."""

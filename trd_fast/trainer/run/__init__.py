@@ -1,0 +1,1 @@
+"""The run: configuration, model loading, the loop, checkpoints and metrics."""
