@@ -82,7 +82,7 @@ def eval_command(args: argparse.Namespace) -> None:
     from trd_fast.trainer.rollout.generation import Runner
     from trd_fast.trainer.run.loop import EVAL_SEED, evaluate
     from trd_fast.trainer.run.loading import load_causal_lm, load_tokenizer
-    from trd_fast.trainer.refine.batch import Tokenize
+    from trd_fast.trainer.protocol import Tokenize
 
     config = load_config(args.config, args.set)
     student = args.student or str(Path(config.run.output_dir) / "student")

@@ -21,7 +21,7 @@ from trd_fast.trainer.rollout.generation import Runner
 from trd_fast.trainer.run.loop import EVAL_SEED, evaluate, train
 from trd_fast.trainer.run.metrics import METRICS, read_metrics
 from trd_fast.trainer.run.loading import load_causal_lm, load_tokenizer
-from trd_fast.trainer.refine.batch import Tokenize
+from trd_fast.trainer.protocol import Tokenize
 
 from trd_fast.tasks.paths import checkpoint_dir
 from trd_fast.tasks.chain import ChainTask

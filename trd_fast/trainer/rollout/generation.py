@@ -29,6 +29,10 @@ class Rollout:
     logits: Tensor | None    # [B, M, V] fp32 raw logits that produced each token (before sampling filters)
     finished: Tensor         # [B] bool: stopped on EOS
 
+    def rows(self) -> list[Tensor]:
+        """Each row's generated tokens, 1-D int64 of its length."""
+        return [self.tokens[b, :n] for b, n in enumerate(self.lengths.tolist())]
+
 
 class Runner:
     """Every forward of one model goes through it (so counters and the ledger see them all)."""

@@ -19,9 +19,10 @@ from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.engine import Engine, build_engine
 from trd_fast.trainer.rollout.generation import Runner, SamplingConfig
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, plot_curves, read_metrics
-from trd_fast.trainer.refine.batch import Tokenize, build_batch, rows_of
+from trd_fast.trainer.refine.modes import build_batch
+from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.train.step import train_on
-from trd_fast.trainer.protocol import Example, Task
+from trd_fast.trainer.protocol import Example, Task, Tokenize
 
 
 EVAL_SEED = 0  # the held-out problems do not change with the run's seed
@@ -63,7 +64,7 @@ def evaluate(runner: Runner, task: Task, tokenize: Tokenize, examples: Sequence[
         chunk = examples[lo:lo + batch_size]
         rollout = runner.generate([tokenize(task.student_prompt(e)) for e in chunk], greedy,
                                   generator=torch.Generator().manual_seed(0), capture_logits=False)
-        for e, y in zip(chunk, rows_of(rollout)):
+        for e, y in zip(chunk, rollout.rows()):
             verdict = task.verify(e, tokenize.text(y))
             if verdict is not None:
                 correct.append(float(verdict))
@@ -121,10 +122,9 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     rows = batch_positions(step, config.optim.batch_size, len(examples), config.run.seed)
     engine.student.new_step()
     engine.teacher.new_step()
-    phases: dict[str, float] = {}
     engine.student_model.eval()
-    batch = build_batch(config, task, tokenize, [examples[r] for r in rows], engine.student, engine.teacher,
-                        generator, rows, phases, clock)
+    batch, times = build_batch(BatchRequest(config, task, tokenize, engine.student, engine.teacher, generator,
+                                            [examples[r] for r in rows], rows))
 
     started = clock()
     engine.student_model.train()
@@ -139,7 +139,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     lr = scheduler.get_last_lr()[0]  # the rate this step used
     optimizer.step()
     scheduler.step()
-    phases["train"] = clock() - started
+    train_s = clock() - started
     wall = clock() - began
 
     s, t = engine.student.counters, engine.teacher.counters
@@ -148,7 +148,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
               "grad_norm": float(grad_norm), "lr": lr,
               "sparse_targets": result.sparse_targets, "step_s": wall,
               "trained_tokens_per_s": result.tokens / wall,
-              **{f"{name}_s": seconds for name, seconds in phases.items()},
+              "rollout_s": times.rollout, "refine_s": times.refine, "train_s": train_s,
               "student_prefill_tokens": s.prefill_tokens, "student_decode_tokens": s.decode_tokens,
               "teacher_prefill_tokens": t.prefill_tokens, "teacher_decode_tokens": t.decode_tokens,
               "teacher_tokens": t.prefill_tokens + t.decode_tokens,
