@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import trd_fast
-
 from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
 from trd_fast.trainer.rollout.kv_cache import CachedBatch, check_full_attention
 from trd_fast.trainer.rollout.sampling import SamplingConfig, sample
@@ -46,6 +45,12 @@ class Runner:
         self.counters = TokenCounters()
         self.ledger = Ledger()
 
+    @classmethod
+    def with_tokenizer(cls, model, tokenizer, *, name: str) -> Runner:
+        """A Runner with the tokenizer's pad and eos ids that samples only ids the tokenizer has."""
+        return cls(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name=name,
+                   vocab_size=len(tokenizer))
+
     @property
     def device(self) -> torch.device:
         return self.model.device
@@ -67,13 +72,14 @@ class Runner:
         logits, state = self.prefill(rows, contexts, keep=1)                # [B, 1, V]
         trace = Trace(len(contexts), self.device)
         everyone = torch.arange(len(contexts), device=self.device)
-        tokens = self.draw(trace, everyone, logits[:, -1], sampling, generator, capture_logits)
+        tokens = self.draw(trace, everyone, logits[:, -1], sampling, generator, capture=capture_logits)
         going = (tokens != self.eos_id) & (trace.lengths < sampling.max_new_tokens)
         alive = going.nonzero()[:, 0]
         if len(alive) < len(contexts):
             state = state.select(alive)
         budget = torch.full_like(trace.lengths, sampling.max_new_tokens)
-        self.decode(state, trace, alive, tokens, budget, sampling, generator, capture_logits, progress)
+        self.decode(state, trace, alive, tokens, budget, sampling, generator, capture=capture_logits,
+                    progress=progress)
         generated = trace.tokens(self.pad_id)                               # [B, M]
         lengths = trace.lengths.tolist()
         self.account_decode(rows, [torch.cat([x, y[:n - 1]]) for x, y, n in zip(contexts, generated, lengths)],
@@ -133,7 +139,8 @@ class Runner:
         return out.logits.float(), (CachedBatch(cache, mask) if use_cache else None)
 
     def decode(self, state: CachedBatch, trace: Trace, alive: Tensor, pending: Tensor, budget: Tensor,
-               sampling: SamplingConfig, generator: torch.Generator, capture: bool, progress: str | None) -> None:
+               sampling: SamplingConfig, generator: torch.Generator, *, capture: bool,
+               progress: str | None) -> None:
         """Feed every alive row (indices [A] into the trace; `state` holds them in that order) its pending token
         (pending [R]), sample its next one into the trace, and repeat until each row stopped at EOS or at its
         budget (budget [R]: the trace length it may reach). The caller accounts the fed tokens in the ledger."""
@@ -148,7 +155,7 @@ class Runner:
             state = CachedBatch(state.cache, mask)
             self.counters.decode_tokens += len(alive)
             self.counters.forwards += 1
-            tokens = self.draw(trace, alive, out.logits[:, -1].float(), sampling, generator, capture)
+            tokens = self.draw(trace, alive, out.logits[:, -1].float(), sampling, generator, capture=capture)
             pending[alive] = tokens
             going = (tokens != self.eos_id) & (trace.lengths[alive] < budget[alive])
             if not bool(going.all()):
@@ -158,7 +165,7 @@ class Runner:
         bar.close()
 
     def draw(self, trace: Trace, rows: Tensor, logits: Tensor, sampling: SamplingConfig,
-             generator: torch.Generator, capture: bool) -> Tensor:
+             generator: torch.Generator, *, capture: bool) -> Tensor:
         """Sample one token for each of rows [A] from raw logits [A, V] and record it in the trace."""
         tokens = sample(logits, sampling, generator, self.vocab_size)                       # [A]
         trace.add(rows, tokens, trd_fast.token_logprobs(logits, tokens), logits if capture else None, self.eos_id)
