@@ -12,13 +12,13 @@ import torch
 
 import trd_fast
 from tiny_models import make_model, make_pair, make_tokenizer, write_jsonl
-from trd_fast.trainer.run import loop
-from trd_fast.trainer.run.config import from_dict
-from trd_fast.trainer.run.engine import build_engine
 from trd_fast.tasks.jsonl import JsonlTask
 from trd_fast.trainer.protocol import Tokenize
 from trd_fast.trainer.refine.modes import build_batch
 from trd_fast.trainer.refine.request import BatchRequest
+from trd_fast.trainer.run import loop
+from trd_fast.trainer.run.config import from_dict
+from trd_fast.trainer.run.engine import build_engine
 from trd_fast.trainer.train.step import train_on
 
 MODES = ("opd", "trd", "trd_splice")

@@ -4,6 +4,7 @@ agree."""
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 
 

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 import trd_fast
-
 from trd_fast.trainer.run.config import DistillConfig
 from trd_fast.trainer.train.batch import Batch
 from trd_fast.trainer.train.forward import packed_logits
