@@ -1,5 +1,6 @@
 """The task protocol the trainer speaks: prompts, refine prompts, a verifier. Tasks implement it; the trainer
-imports none of them (the cli wires one in). Tokenize turns the task's texts into the ids the trainer feeds."""
+imports none of them (tasks/registry.py picks one for a run). Tokenize turns the task's texts into the ids the
+trainer feeds."""
 
 from __future__ import annotations
 
