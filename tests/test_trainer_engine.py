@@ -14,8 +14,9 @@ import trd_fast
 from tiny_models import make_model, make_pair, make_tokenizer, write_jsonl
 from trd_fast.tasks.jsonl import JsonlTask
 from trd_fast.trainer.protocol import Tokenize
-from trd_fast.trainer.refine.modes import build_batch
+from trd_fast.trainer.refine.modes import BUILDERS, build_batch
 from trd_fast.trainer.refine.request import BatchRequest
+from trd_fast.trainer.run import config as config_module
 from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.config import from_dict
 from trd_fast.trainer.run.engine import build_engine
@@ -56,6 +57,10 @@ def teacher_forward(model, context, completion):
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
     return logits[len(context) - 1:len(context) + len(completion) - 1].float()
+
+
+def test_every_configurable_mode_has_a_batch_builder():
+    assert set(BUILDERS) == set(config_module.MODES) == set(MODES)
 
 
 @pytest.mark.parametrize("source", ["external", "self"])
