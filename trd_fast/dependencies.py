@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 
-# package: (lowest supported version, first unsupported version or None). CI tests the lowest in .venv-floor.
+# package: (lowest supported version, first unsupported version or None). CI tests the pure-Python floors in
+# .venv-floor (make test-floors).
 SUPPORTED = {
     "torch": ("2.11", None),            # CI: 2.13; the GPU image (bench/gpu_check.sh): 2.11
-    "transformers": ("4.56.2", None),   # CI: 4.56.2 and the newest; the GPU image: 5.17
+    "transformers": ("5.0.0", None),    # CI: 5.0.0 and the newest; the GPU image: 5.17
     "trl": ("1.7.0", None),             # the first TRL whose GKD loss takes num_items_in_batch
-    "peft": ("0.17.0", None),
+    "peft": ("0.18.0", None),           # older peft imports a cache class transformers 5 removed
     "triton": ("3.6", None),            # CI: the newest (interpreted); the GPU image: 3.6
 }
 
