@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 import trd_fast
 from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
-from trd_fast.trainer.rollout.kv_cache import CachedBatch, check_full_attention
+from trd_fast.trainer.rollout.kv_cache import CACHE_KEYWORD, CachedBatch, check_filled, check_full_attention
 from trd_fast.trainer.rollout.sampling import SamplingConfig, sample
 from trd_fast.trainer.rollout.trace import Trace
 
@@ -37,7 +37,7 @@ class Runner:
     """Every forward of one model goes through it (so counters and the ledger see them all)."""
 
     def __init__(self, model, *, pad_id: int, eos_id: int, name: str, vocab_size: int | None = None):
-        self.model = model            # a causal LM taking input_ids, attention_mask, position_ids, cache
+        self.model = model            # a causal LM taking input_ids, attention_mask, position_ids, the KV cache
         self.pad_id = pad_id          # fills rows after their end, and padding slots
         self.eos_id = eos_id          # ends a row
         self.name = name              # for messages
@@ -127,8 +127,10 @@ class Runner:
                 DynamicCache(config=self.model.config), self.name)
         positions = past.sum(-1, keepdim=True) + (fed.cumsum(-1) - 1).clamp(min=0)        # [B, W]
         mask = torch.cat([past, fed], dim=1)                                                # [B, S + W]
-        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, **{CACHE_KEYWORD: cache},
                          use_cache=use_cache, logits_to_keep=keep)
+        if use_cache:
+            check_filled(cache, mask.shape[1], self.name)
         history = history if history is not None else [h[:0] for h in heads]
         sequences = [torch.cat([p, h, t]) for p, h, t in zip(history, heads, tails)]
         counts = self.ledger.feed(rows, sequences, [len(p) for p in history])
@@ -151,7 +153,8 @@ class Runner:
             slot = torch.ones(len(alive), 1, dtype=torch.bool, device=self.device)
             mask = torch.cat([state.mask, slot], dim=1)                                       # [A, S + 1]
             out = self.model(input_ids=pending[alive][:, None], attention_mask=mask.long(),
-                             position_ids=state.lengths[:, None], cache=state.cache, use_cache=True)
+                             position_ids=state.lengths[:, None], **{CACHE_KEYWORD: state.cache}, use_cache=True)
+            check_filled(state.cache, mask.shape[1], self.name)
             state = CachedBatch(state.cache, mask)
             self.counters.decode_tokens += len(alive)
             self.counters.forwards += 1

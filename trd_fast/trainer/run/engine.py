@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trd_fast.dependencies import check_version
 from trd_fast.trainer.rollout.generation import Runner
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.loading import check_tokenizers_agree, load_causal_lm, load_tokenizer
@@ -73,6 +74,7 @@ def _with_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
         import peft
     except ImportError:
         raise ImportError("model.lora_rank > 0 needs peft: pip install 'trd_fast[lora]'") from None
+    check_version("peft", peft.__version__, "model.lora_rank > 0")
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:

@@ -14,7 +14,8 @@ def packed_logits(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tens
 
     With flash attention the rows are packed into one [1, T] sequence whose position ids restart at 0 per row
     (varlen attention: no pad token costs anything). Other attention implementations see packed rows through a
-    dense [T, T] mask, quadratic in the whole batch, so they get a right-padded [B, L] batch instead."""
+    dense [T, T] mask, quadratic in the whole batch, so they get a right-padded [B, L] batch instead, whose head
+    computes the logits at every position any row keeps ([B, U, V], U the union of keep) before the gather."""
     if len(rows) != len(keep) or not rows:
         raise ValueError(f"rows and keep must be non-empty and of one length, got {len(rows)} and {len(keep)}")
     for i, (row, k) in enumerate(zip(rows, keep)):
@@ -43,9 +44,12 @@ def _padded(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tensor:
     device, width = model.device, max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.int64, device=device)                 # [B, L]
     mask = torch.zeros(len(rows), width, dtype=torch.int64, device=device)                # [B, L]
-    kept = torch.zeros(len(rows), width, dtype=torch.bool, device=device)                 # [B, L]
-    for b, (row, k) in enumerate(zip(rows, keep)):
+    for b, row in enumerate(rows):
         ids[b, :len(row)] = row
         mask[b, :len(row)] = 1
-        kept[b, k.to(device)] = True
-    return model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=kept).logits
+    positions = torch.cat(list(keep)).to(device)                                          # [N]
+    union = positions.unique()                                                            # [U] sorted
+    batch_rows = torch.repeat_interleave(torch.tensor([len(k) for k in keep], device=device))  # [N]
+    # A 1-D index tensor keeps the same positions of every row in every transformers version (a 2-D one does not).
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=union).logits  # [B, U, V]
+    return logits[batch_rows, torch.searchsorted(union, positions)]                       # [N, V]
