@@ -99,8 +99,11 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 
 def _scaled(buffer: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad * buffer in `dtype`; in place over the buffer when the dtypes agree (no second copy)."""
-    if buffer.dtype == dtype:
+    """grad * buffer in `dtype`; in eager mode in place over the buffer when the dtypes agree (no second [V, H]
+    copy; a second backward through the same graph then fails autograd's saved-tensor version check). A traced
+    backward (torch.compile, opcheck: functional tensors) gets the product out of place: a graph may not
+    mutate a forward output it saved."""
+    if buffer.dtype == dtype and type(buffer) is torch.Tensor and not torch.compiler.is_compiling():
         return buffer.mul_(grad)
     return (buffer * grad).to(dtype)
 
