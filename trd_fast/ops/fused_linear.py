@@ -10,7 +10,7 @@ from trd_fast import reference
 from trd_fast.ops import checks
 from trd_fast.ops.backend import resolve
 from trd_fast.ops.distillation import check_reduction_arguments, check_sparse_teacher, distillation_loss
-from trd_fast.ops.fused_linear_ops import fused_linear_loss, fused_linear_values
+from trd_fast.ops import fused_linear_ops  # noqa: F401  (defines the trd_fast::fused_linear_* ops)
 from trd_fast.ops.options import LossOptions
 from trd_fast.ops.reduction import reduce_values
 from trd_fast.ops.sparse_teacher import SparseTeacher
@@ -62,7 +62,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidde
                                  teacher_bias, student_logit_scale, teacher_logit_scale, student_softcap,
                                  teacher_softcap, options, name)
     if options.reduction == "none":
-        values = fused_linear_values(*problem)[0]
+        values = torch.ops.trd_fast.fused_linear_values(*problem)[0]
         loss = reduce_values(values, clip=options.clip, weight=flat_weight, normalizer=None, reduction="none")
         loss = loss.view(lead)
     else:
@@ -70,7 +70,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidde
             normalizer = torch.full((), float(normalizer), dtype=torch.float32, device=student_hidden.device)
         wanted = [torch.is_grad_enabled() and t is not None and t.requires_grad
                   for t in (student_hidden, student_weight, student_bias)]
-        loss, values = fused_linear_loss(*problem, flat_weight, normalizer, options.clip, options.reduction,
+        loss, values = torch.ops.trd_fast.fused_linear_loss(*problem, flat_weight, normalizer, options.clip, options.reduction,
                                          wanted)[:2]
     return (loss, values.detach().view(lead)) if return_per_token else loss
 
