@@ -134,7 +134,7 @@ def compile_sm90(kernel, args: dict, config) -> dict:
                            options=options.__dict__)
     except Exception as error:  # any rejection by the frontend, the LLVM passes or ptxas is the finding
         lines = [line for line in f"{type(error).__name__}: {error}".splitlines() if line.strip()]
-        return {"error": "\n".join(lines[:12])}
+        return {"error": "\n".join(lines[:1] + lines[1:][-6:])}  # the kind, and the message at the end
     spills, registers = SPILLS.search(log.getvalue()), REGISTERS.search(log.getvalue())
     if spills is None or registers is None:
         return {"error": f"no register / spill report in ptxas's log:\n{log.getvalue()[-2000:]}"}
