@@ -12,7 +12,7 @@ import torch
 
 import trd_fast
 from tiny_models import make_model, make_pair, make_tokenizer, write_jsonl
-from trd_fast.trainer import loop
+from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.config import from_dict
 from trd_fast.trainer.run.engine import build_engine
 from trd_fast.tasks.jsonl import JsonlTask

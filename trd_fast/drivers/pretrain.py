@@ -117,7 +117,7 @@ def _save_model(model, out: Path) -> None:
 
 
 def report(name, model, tokenizer, task, count: int) -> str:
-    from .evaluate import evaluate
+    from trd_fast.tasks.evaluate import evaluate
 
     exs = task.examples("eval", count, seed=0)
     acc, hist = evaluate(model, tokenizer, task, exs)
@@ -133,7 +133,7 @@ def report(name, model, tokenizer, task, count: int) -> str:
 
 def _selection_accuracy(model, tokenizer, task, count: int = 200) -> float:
     """Accuracy on eval-split problems of a seed the reports and tests do not use."""
-    from .evaluate import evaluate
+    from trd_fast.tasks.evaluate import evaluate
 
     return evaluate(model, tokenizer, task, task.examples("eval", count, seed=9999))[0]
 
