@@ -19,7 +19,7 @@ from trl.experimental.gold import GOLDTrainer  # noqa: E402
 from trl.experimental.iw_opd import IWOPDTrainer  # noqa: E402
 from trl.trainer.distillation_trainer import DistillationTrainer  # noqa: E402
 
-from tiny_chat import chat_dataset, tiny_lm, tiny_tokenizer  # noqa: E402
+from tiny_chat import chat_dataset, record_losses, tiny_lm, tiny_tokenizer  # noqa: E402
 from trd_fast.integrations import gkd_loss  # noqa: E402
 from trd_fast.integrations import generalized_jsd_loss, is_patched, patch_trl, unpatch_trl  # noqa: E402
 
@@ -294,14 +294,7 @@ def train_gkd(tmp_path, patch):
     trainer = GKDTrainer(model=tiny_lm(0), teacher_model=tiny_lm(1), args=args, train_dataset=chat_dataset(),
                          processing_class=tiny_tokenizer())
     patch(trainer)
-    losses = []
-    compute_loss = trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        losses.append(float(loss.detach()))
-        return loss
-    trainer.compute_loss = recording
+    losses = record_losses(trainer)
     trainer.train()
     assert trainer.state.global_step == 2 and len(losses) == 4  # 2 steps x 2 accumulated micro-batches
     return losses

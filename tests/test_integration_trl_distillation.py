@@ -12,7 +12,7 @@ import torch
 import trl.trainer.distillation_trainer as distillation_module
 from trl import DistillationConfig, DistillationTrainer
 
-from tiny_chat import chat_dataset, tiny_lm, tiny_tokenizer
+from tiny_chat import chat_dataset, record_losses, tiny_lm, tiny_tokenizer
 from trd_fast.integrations import chunked_divergence, chunked_divergence_loss, is_patched, patch_trl, unpatch_trl
 
 TRL_LOSS = distillation_module._chunked_divergence_loss  # TRL's own, taken before any test patches it
@@ -169,14 +169,7 @@ def first_step_losses(tmp_path, patch):
     trainer = DistillationTrainer(model=tiny_lm(0), teacher_model=tiny_lm(1), args=args,
                                   train_dataset=chat_dataset(prompts_only=True), processing_class=tokenizer)
     patch(trainer)
-    losses = []
-    compute_loss = trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        losses.append(float(loss.detach()))
-        return loss
-    trainer.compute_loss = recording
+    losses = record_losses(trainer)
     trainer.train()
     assert trainer.state.global_step == 1 and len(losses) == 2
     return losses, trainer.state.log_history[0]
