@@ -165,7 +165,6 @@ def main() -> None:
     import gpu_compile_cases
     from triton import knobs
 
-    knobs.cache.dir = tempfile.mkdtemp(prefix="trd-gpu-compile-")  # nothing shared with other runs
     modules = project_modules()
     cases = gpu_compile_cases.cases()
     if options.selftest:
@@ -177,8 +176,10 @@ def main() -> None:
     uncovered = sorted(set(KERNELS) - set(cases))
     stale = sorted(set(cases) - set(KERNELS))
     JOBS.extend(plan({k: v for k, v in KERNELS.items() if k in cases}, cases, options.full))
-    with multiprocessing.get_context("fork").Pool(max(1, options.workers)) as pool:
-        results = pool.map(run_job, range(len(JOBS)), chunksize=1)
+    with tempfile.TemporaryDirectory(prefix="trd-gpu-compile-") as cache:
+        knobs.cache.dir = cache  # nothing shared with other runs, nothing left behind
+        with multiprocessing.get_context("fork").Pool(max(1, options.workers)) as pool:
+            results = pool.map(run_job, range(len(JOBS)), chunksize=1)
     with open(options.out, "w") as f:
         json.dump(dict(kernels=sorted(KERNELS), uncovered=uncovered, stale=stale, results=results,
                        candidates={name: [str(c) for t in tuners for c in t.configs]
