@@ -39,7 +39,9 @@ import inspect
 import warnings
 from dataclasses import dataclass
 
-MIN_TRL = "1.7.0"  # first TRL whose generalized_jsd_loss takes num_items_in_batch
+from trd_fast.dependencies import SUPPORTED
+
+MIN_TRL = SUPPORTED["trl"][0]  # first TRL whose generalized_jsd_loss takes num_items_in_batch
 CHECKED_TRL = ("1.7.0", "1.8.0", "1.12.0", "1.15.0", "1.16.0")  # versions whose loss source was read
 _EMPTY = inspect.Parameter.empty
 # GKD's signature: (name, default) of each parameter; a trainer's extras go between reduction and num_items_in_batch.
@@ -97,7 +99,10 @@ def patch_trl(trainer=None, *, backend=None, inplace_backward=False):
     if trainer is None:
         return tuple(patch_trl(cls, backend=backend, inplace_backward=inplace_backward) for cls in _installed())
     target, owner = _resolve(trainer)
-    current = _function(inspect.getattr_static(owner, target.attribute))
+    current = _function(inspect.getattr_static(owner, target.attribute, _MISSING))
+    if current is _MISSING:
+        raise RuntimeError(f"{target.name}: TRL {version} has no {target.attribute} (read for TRL 1.16.0); "
+                           "not patching")
     original = getattr(current, "__wrapped__", current) if _is_ours(current) else current
     _check_signature(original, target, version)
     own = _function(vars(owner).get(target.attribute, _MISSING))
@@ -213,15 +218,16 @@ def _target_of(cls) -> Target | None:
 
 
 def _installed() -> list:
-    """The TARGETS classes the installed TRL has (a trainer whose module is missing is skipped)."""
+    """The TARGETS classes the installed TRL has, with their loss (a missing module, class or loss: skipped)."""
     classes = []
     for target in TARGETS:
         try:
             module = importlib.import_module(target.module)
         except ImportError:
             continue
-        if hasattr(module, target.name):
-            classes.append(getattr(module, target.name))
+        cls = getattr(module, target.name, None)
+        if cls is not None and hasattr(module if target.in_module else cls, target.attribute):
+            classes.append(cls)
     return classes
 
 
