@@ -12,8 +12,7 @@ import math
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-IGNORE_INDEX = -100
+from trd_fast.constants import IGNORE_INDEX
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -74,6 +73,16 @@ class _Divergence(torch.autograd.Function):
         return grad.to(ctx.student_dtype), None, None, None, None
 
 
+def effective_divergence(divergence: str, beta: float) -> str:
+    """The divergence to compute: jsd at beta 0 is exactly forward_kl and at beta 1 reverse_kl (the contract's
+    limits of the generalized JSD, TRL's convention); anything else unchanged."""
+    if divergence == "jsd" and beta == 0:
+        return "forward_kl"
+    if divergence == "jsd" and beta == 1:
+        return "reverse_kl"
+    return divergence
+
+
 def _gather_support(student: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor):
     """Student and teacher restricted to `ids` ([..., k], -1 = empty slot, which becomes -inf on both)."""
     empty = ids < 0
@@ -89,10 +98,7 @@ def per_position_divergence(student_logits, teacher, *, divergence="forward_kl",
 
     `teacher` is dense logits [..., V_t] or a SparseTeacher. float64 in, float64 out; else float32.
     """
-    if divergence == "jsd" and beta == 0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1:
-        divergence = "reverse_kl"
+    divergence = effective_divergence(divergence, beta)
     if hasattr(teacher, "ids"):  # SparseTeacher: its own support
         student_sub, teacher_sub = _gather_support(student_logits, teacher.logprobs, teacher.ids)
         return _Divergence.apply(student_sub, teacher_sub.detach(), divergence, beta, temperature)
@@ -105,7 +111,12 @@ def per_position_divergence(student_logits, teacher, *, divergence="forward_kl",
 
 
 def reduce(values, *, clip=None, weight=None, normalizer=None, reduction="mean"):
-    """Clip, weight and reduce per-position values l [...] as the contract orders them."""
+    """Clip, weight and reduce per-position values l [...] as the contract orders them, in l's dtype.
+
+    Also the reduction of the fused ops (O(N) after the O(N V) kernel): a zero weight gives exactly 0 (even for
+    an inf or NaN value), a zero normalizer gives loss 0 and a zero gradient, and everything stays on the
+    device (no host synchronisation).
+    """
     if clip is not None:
         values = torch.where(values > clip, torch.full_like(values, clip), values)
     if weight is not None:
@@ -116,11 +127,19 @@ def reduce(values, *, clip=None, weight=None, normalizer=None, reduction="mean")
     total = values.sum()
     if reduction == "sum":
         return total
+    # Built on the device (a fill, never a host-to-device copy of a Python number).
     if normalizer is None:
-        normalizer = weight.detach().to(values.dtype).sum() if weight is not None else values.numel()
-    normalizer = torch.as_tensor(normalizer, dtype=values.dtype, device=values.device)
+        normalizer = w.sum() if weight is not None else _device_scalar(values.numel(), values)
+    elif isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.detach().to(device=values.device, dtype=values.dtype)
+    else:
+        normalizer = _device_scalar(normalizer, values)
     zero = normalizer == 0
     return torch.where(zero, torch.zeros_like(total), total / torch.where(zero, torch.ones_like(normalizer), normalizer))
+
+
+def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), float(value), dtype=like.dtype, device=like.device)
 
 
 def distillation_loss(student_logits, teacher_logits, *, divergence="forward_kl", beta=0.5, temperature=1.0,

@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from trd_fast.constants import IGNORE_INDEX
 from trd_fast.losses import DistillationLoss
-
-IGNORE_INDEX = -100
 
 
 class DistillTrainer(transformers.Trainer):
