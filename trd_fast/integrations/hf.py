@@ -22,7 +22,10 @@ import torch
 import transformers
 
 from trd_fast.constants import IGNORE_INDEX
+from trd_fast.dependencies import check_version
 from trd_fast.losses import DistillationLoss
+
+check_version("transformers", transformers.__version__, "trd_fast.integrations.hf")
 
 
 class DistillTrainer(transformers.Trainer):

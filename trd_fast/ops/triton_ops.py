@@ -11,12 +11,17 @@ Numerics: fp32 math for fp32 / bf16 / fp16 inputs; fp64 math for float64 inputs 
 import contextlib
 
 import torch
+import triton
 
-from trd_fast.constants import FLOAT_DTYPES
-from trd_fast.kernels import (check_token_ids, divergence_backward, divergence_forward, segmented_scan,
+from trd_fast.dependencies import check_version
+
+check_version("triton", triton.__version__, "trd_fast's Triton backend")
+
+from trd_fast.constants import FLOAT_DTYPES  # noqa: E402
+from trd_fast.kernels import (check_token_ids, divergence_backward, divergence_forward, segmented_scan,  # noqa: E402
                               token_logprobs_backward, token_logprobs_forward)
-from trd_fast.ops import checks
-from trd_fast.ops.registry import stats_dtype
+from trd_fast.ops import checks  # noqa: E402
+from trd_fast.ops.registry import stats_dtype  # noqa: E402
 
 
 def _device_guard(x: torch.Tensor):
