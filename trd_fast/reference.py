@@ -111,12 +111,7 @@ def per_position_divergence(student_logits, teacher, *, divergence="forward_kl",
 
 
 def reduce(values, *, clip=None, weight=None, normalizer=None, reduction="mean"):
-    """Clip, weight and reduce per-position values l [...] as the contract orders them, in l's dtype.
-
-    Also the reduction of the fused ops (O(N) after the O(N V) kernel): a zero weight gives exactly 0 (even for
-    an inf or NaN value), a zero normalizer gives loss 0 and a zero gradient, and everything stays on the
-    device (no host synchronisation).
-    """
+    """Clip, weight and reduce per-position values l [...] as the contract orders them."""
     if clip is not None:
         values = torch.where(values > clip, torch.full_like(values, clip), values)
     if weight is not None:
@@ -127,19 +122,11 @@ def reduce(values, *, clip=None, weight=None, normalizer=None, reduction="mean")
     total = values.sum()
     if reduction == "sum":
         return total
-    # Built on the device (a fill, never a host-to-device copy of a Python number).
     if normalizer is None:
-        normalizer = w.sum() if weight is not None else _device_scalar(values.numel(), values)
-    elif isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.detach().to(device=values.device, dtype=values.dtype)
-    else:
-        normalizer = _device_scalar(normalizer, values)
+        normalizer = weight.detach().to(values.dtype).sum() if weight is not None else values.numel()
+    normalizer = torch.as_tensor(normalizer, dtype=values.dtype, device=values.device)
     zero = normalizer == 0
     return torch.where(zero, torch.zeros_like(total), total / torch.where(zero, torch.ones_like(normalizer), normalizer))
-
-
-def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((), float(value), dtype=like.dtype, device=like.device)
 
 
 def distillation_loss(student_logits, teacher_logits, *, divergence="forward_kl", beta=0.5, temperature=1.0,
@@ -150,6 +137,20 @@ def distillation_loss(student_logits, teacher_logits, *, divergence="forward_kl"
                                      temperature=temperature, top_k=top_k)
     loss = reduce(values, clip=clip, weight=weight, normalizer=normalizer, reduction=reduction)
     return (loss, values.detach()) if return_per_token else loss
+
+
+def project_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
+    """An LM head's logits z = c tanh(a (h W^T + b) / c) (c = softcap; z = a (h W^T + b) without one).
+
+    hidden [..., H], weight [V, H], bias [V] -> [..., V], differentiable, in float64 when any input is
+    float64, else float32 (the projection accumulated in that dtype whatever the inputs' dtypes).
+    """
+    dtype = compute_dtype(hidden, weight, *([] if bias is None else [bias]))
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    z = logit_scale * z
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
 def token_logprobs(logits, token_ids, temperature=1.0):

@@ -15,9 +15,10 @@ named trd_fast::<name> for "cpp" and trd_fast::<name>_triton for "triton":
   prefix_scan(signal [B,L], lengths [B], threshold, window) -> cumsum [B,L], first [B] int64
 
 register() is the one registration step, run once by `import trd_fast.ops`: it loads the extension (refusing
-one built for a SIMD level this CPU lacks), registers the C++ ops' fakes and autograd, and, where Triton can
-run (CUDA, or TRITON_INTERPRET=1) and TRD_FAST_NO_TRITON is not 1, defines the Triton ops and their autograd
-up front, so that torch.compile never traces an import.
+one built for a SIMD level this CPU lacks), registers the C++ ops' fakes and autograd, defines the fused linear
+ops (fused_linear_ops.py, Python ops over the kernel backends), and, where Triton can run (CUDA, or
+TRITON_INTERPRET=1) and TRD_FAST_NO_TRITON is not 1, defines the Triton ops and their autograd up front, so
+that torch.compile never traces an import.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ EXTENSION = None  # the loaded trd_fast._C, or None
 EXTENSION_MISSING: str | None = "trd_fast.ops.registry.register() has not run"  # why EXTENSION is None
 _registered = False
 _triton_defined = False
+_libraries: list = []  # the torch.library fragments this module defined ops in (kept alive: they own them)
 _warned = False
 
 
@@ -130,6 +132,10 @@ def register() -> None:
     if EXTENSION is not None:
         _register_fakes(CPP_OPS)
         _register_autograd(CPP_OPS)
+    from trd_fast.ops import fused_linear_ops  # it runs on the OpSets above
+
+    _libraries.append(torch.library.Library("trd_fast", "FRAGMENT"))
+    fused_linear_ops.define(_libraries[-1])
     if triton_runnable():
         _define_triton_ops()
 
