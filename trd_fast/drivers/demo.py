@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from trd_fast.text_files import read_utf8
 from trd_fast.trainer.run.config import TrainConfig, from_dict
 from trd_fast.trainer.rollout.generation import Runner
 from trd_fast.trainer.run.loop import EVAL_SEED, evaluate, train
@@ -80,12 +81,12 @@ def run_demo(args: argparse.Namespace) -> dict:
                 train(config, task)
                 _final_eval(done, str(run_dir / "student"), task, held_out, args,
                             extra={"wall_s": time.perf_counter() - began})
-            final = json.loads(done.read_text())
+            final = json.loads(read_utf8(done))
             final["metrics"] = read_metrics(run_dir / METRICS)
             results[method].append(final)
             print(f"{method:>10} seed {seed}: accuracy {final['accuracy']:.3f}")
     report = _report(args, base, results)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _plot(results, base["accuracy"], out / "curves.png")
     print(_table(report))
     print(f"report: {out / 'report.json'}  curves: {out / 'curves.png'}")
@@ -94,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def _final_eval(path: Path, model_dir: str, task, examples, args, extra: dict | None = None) -> dict:
     if path.is_file():
-        return json.loads(path.read_text())
+        return json.loads(read_utf8(path))
     tokenizer = load_tokenizer(model_dir, role="student")
     model = load_causal_lm(model_dir, role="student")
     runner = Runner(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name="student",
@@ -103,7 +104,7 @@ def _final_eval(path: Path, model_dir: str, task, examples, args, extra: dict | 
                       batch_size=250, progress=not args.no_progress)
     result.update(extra or {})
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     temporary.replace(path)
     return result
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.engine import Engine, build_engine
+from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.rollout.generation import Runner, SamplingConfig
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, plot_curves, read_metrics
 from trd_fast.trainer.refine.batch import Tokenize, build_batch, rows_of
@@ -76,11 +77,17 @@ def evaluate(runner: Runner, task: Task, tokenize: Tokenize, examples: Sequence[
 
 def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list[dict]:
     """Run (or resume) training as configured; returns the metrics records of the whole run."""
-    out = Path(config.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     torch.manual_seed(config.run.seed)
     engine = engine or build_engine(config)
+    train_examples = task.examples("train", config.data.train_examples, config.run.seed)
+    eval_examples = task.examples("eval", config.data.eval_examples, EVAL_SEED)
+    check_examples(config, task, engine.tokenizer, train_examples, eval_examples if config.run.eval_every else (),
+                   student_context=context_length(engine.student_model),
+                   teacher_context=context_length(engine.teacher.model))
+    out = Path(config.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
+                                     encoding="utf-8")
     model, o = engine.student_model, config.optim
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=o.lr, weight_decay=o.weight_decay)
@@ -91,8 +98,6 @@ def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list
         start = load_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator) or 0
     log = MetricsLog(out, start)
     tokenize = Tokenize(engine.tokenizer)
-    train_examples = task.examples("train", config.data.train_examples, config.run.seed)
-    eval_examples = task.examples("eval", config.data.eval_examples, EVAL_SEED)
     epistemic = _token_ids(engine.tokenizer, config.distill.epistemic_tokens)
 
     for step in tqdm(range(start, o.steps), desc=f"train {config.distill.mode}", initial=start, total=o.steps,
