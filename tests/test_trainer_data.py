@@ -196,3 +196,23 @@ def test_every_text_file_the_project_reads_or_writes_names_its_encoding():
     sources.append(ROOT / "setup.py")
     offenders = [call for path in sources for call in _implicit_encoding_calls(path)]
     assert not offenders, offenders
+
+
+def test_the_rows_checked_are_the_rows_the_run_feeds():
+    for steps, batch_size, count in ((3, 4, 100), (5, 8, 30), (0, 4, 10)):
+        fed = {r for step in range(steps) for r in loop.batch_positions(step, batch_size, count, seed=7)}
+        assert loop.rows_fed(steps, batch_size, count, seed=7) == sorted(fed)
+
+
+def test_eval_checks_the_held_out_prompts(models, tmp_path, capsys):
+    from trd_fast.cli import main
+
+    data = write_jsonl(tmp_path / "train.jsonl", 8)
+    held_out = write_lines(tmp_path / "eval.jsonl", [good_line(0), json.dumps({"prompt": long_prompt(300)})])
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--set", f"model.student={models['student']}", "--set", f"model.teacher={models['teacher']}",
+              "--set", f"data.train_jsonl={data}", "--set", f"data.eval_jsonl={held_out}",
+              "--student", models["student"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2, err
+    assert err[-1].startswith(f"trd-fast eval: error: {held_out}:2: the student prompt is 300 tokens"), err

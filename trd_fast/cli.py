@@ -81,6 +81,7 @@ def eval_command(args: argparse.Namespace) -> None:
     from trd_fast.trainer.run.config import load_config
     from trd_fast.trainer.rollout.generation import Runner
     from trd_fast.trainer.run.loop import EVAL_SEED, evaluate
+    from trd_fast.trainer.run.examples_check import check_examples, context_length
     from trd_fast.trainer.run.loading import load_causal_lm, load_tokenizer
     from trd_fast.trainer.refine.batch import Tokenize
 
@@ -91,6 +92,8 @@ def eval_command(args: argparse.Namespace) -> None:
     task = resolve_task(config)
     count = args.problems or config.data.eval_examples
     examples = task.examples("eval", count, EVAL_SEED)
+    check_examples(config, task, tokenizer, examples, split="eval", with_teacher=False,
+                   student_context=context_length(model), teacher_context=None)
     result = evaluate(Runner(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name="student",
                              vocab_size=len(tokenizer)),
                       task, Tokenize(tokenizer), examples, max_new_tokens=config.rollout.max_new_tokens,

@@ -41,6 +41,11 @@ def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def epoch_order(epoch: int, count: int, seed: int) -> torch.Tensor:
+    """The order in which epoch `epoch` visits `count` examples: [count] int64, seeded."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 def batch_positions(step: int, batch_size: int, count: int, seed: int) -> list[int]:
     """Dataset indices of the step's rows: epochs of `count` examples, each in its own seeded order."""
     positions = range(step * batch_size, (step + 1) * batch_size)
@@ -49,9 +54,15 @@ def batch_positions(step: int, batch_size: int, count: int, seed: int) -> list[i
     for p in positions:
         epoch = p // count
         if epoch not in orders:
-            orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            orders[epoch] = epoch_order(epoch, count, seed)
         rows.append(int(orders[epoch][p % count]))
     return rows
+
+
+def rows_fed(steps: int, batch_size: int, count: int, seed: int) -> list[int]:
+    """The distinct dataset indices that `steps` steps of `batch_positions` visit, in increasing order."""
+    total = steps * batch_size
+    return list(range(count)) if total >= count else sorted(epoch_order(0, count, seed)[:total].tolist())
 
 
 def evaluate(runner: Runner, task: Task, tokenize: Tokenize, examples: Sequence[Example], *,
@@ -81,9 +92,13 @@ def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list
     engine = engine or build_engine(config)
     train_examples = task.examples("train", config.data.train_examples, config.run.seed)
     eval_examples = task.examples("eval", config.data.eval_examples, EVAL_SEED)
-    check_examples(config, task, engine.tokenizer, train_examples, eval_examples if config.run.eval_every else (),
-                   student_context=context_length(engine.student_model),
-                   teacher_context=context_length(engine.teacher.model))
+    contexts = dict(student_context=context_length(engine.student_model),
+                    teacher_context=context_length(engine.teacher.model))
+    check_examples(config, task, engine.tokenizer, train_examples, split="train", with_teacher=True,
+                   rows=rows_fed(config.optim.steps, config.optim.batch_size, len(train_examples), config.run.seed),
+                   **contexts)
+    if config.run.eval_every:
+        check_examples(config, task, engine.tokenizer, eval_examples, split="eval", with_teacher=False, **contexts)
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
