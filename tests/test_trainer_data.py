@@ -215,4 +215,5 @@ def test_eval_checks_the_held_out_prompts(models, tmp_path, capsys):
               "--student", models["student"]])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2, err
-    assert err[-1].startswith(f"trd-fast eval: error: {held_out}:2: the student prompt is 300 tokens"), err
+    assert err[-1].startswith(f"trd-fast eval: error: {held_out}:2: the prompt is 300 tokens; with 128 more "
+                              "(max_new_tokens) it exceeds the model's context of 256 positions"), err

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tiny_models import make_pair, write_jsonl
+from tiny_models import make_model, make_pair, write_jsonl
 from trd_fast.tasks.jsonl import JsonlTask
 from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.checkpoint import NonFiniteState
@@ -48,15 +48,14 @@ def poison_after(monkeypatch, bad_step: int, where: str) -> None:
     monkeypatch.setattr(loop, "_one_step", poisoned)
 
 
-@pytest.mark.parametrize("where, named", [("weight", "model."), ("optimizer", "optimizer[0].exp_avg_sq")])
+@pytest.mark.parametrize("where, named", [("weight", "model.model."), ("optimizer", "optimizer.state.0.exp_avg_sq")])
 def test_a_non_finite_state_never_overwrites_the_last_good_checkpoint(models, tmp_path, monkeypatch, where, named):
     poison_after(monkeypatch, 2, where)
     with pytest.raises(NonFiniteState) as error:
         loop.train(make_config(models, tmp_path), JsonlTask(make_config(models, tmp_path).data))
     message = str(error.value)
-    assert message.startswith("step 2: 1 tensor(s) of the weights or optimizer state hold NaN or inf "
-                              f"(first: {named}"), message
-    assert "still holds the previous checkpoint" in message
+    assert message.startswith(f"step 2: 1 value(s) to save hold NaN or inf (first: {named}"), message
+    assert message.endswith(f"{tmp_path / 'checkpoint.pt'} keeps its previous content; the run stops here")
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values())
@@ -66,7 +65,7 @@ def test_a_non_finite_state_never_overwrites_the_last_good_checkpoint(models, tm
 
 def test_the_first_checkpoint_is_not_written_either(models, tmp_path, monkeypatch):
     poison_after(monkeypatch, 1, "weight")
-    with pytest.raises(NonFiniteState, match="no checkpoint was written"):
+    with pytest.raises(NonFiniteState, match="checkpoint.pt was not written; the run stops here"):
         loop.train(make_config(models, tmp_path), JsonlTask(make_config(models, tmp_path).data))
     assert not (tmp_path / "checkpoint.pt").exists()
 
@@ -79,8 +78,8 @@ def test_a_non_finite_checkpoint_is_not_resumed(models, tmp_path):
     state["model"][name].view(-1)[0] = math.inf  # e.g. written by an older version
     torch.save(state, tmp_path / "checkpoint.pt")
     resumed = make_config(models, tmp_path, steps=2)
-    with pytest.raises(NonFiniteState, match=f"holds NaN or inf in 1 tensor\\(s\\) \\(first: {name}\\); it cannot be "
-                                             "resumed"):
+    with pytest.raises(NonFiniteState, match=f"holds NaN or inf in 1 value\\(s\\) \\(first: model.{name}\\); it cannot "
+                                             "be resumed"):
         loop.train(resumed, JsonlTask(resumed.data))
 
 
@@ -96,3 +95,22 @@ def test_the_cli_stops_a_diverged_run_with_one_line(models, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and err[-1].startswith("trd-fast train: error: step 2: "), err
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_every_state_and_model_directory_the_project_saves_is_checked(tmp_path):
+    from tiny_models import make_tokenizer
+    from trd_fast.trainer.run.checkpoint import atomic_save, save_model_directory
+
+    path = tmp_path / "pretrain.pt"
+    atomic_save({"model": {"w": torch.ones(3)}, "step": 1}, path)
+    before = path.read_bytes()
+    with pytest.raises(NonFiniteState, match=r"^1 value\(s\) to save hold NaN or inf \(first: optim.param_groups.0.lr"):
+        atomic_save({"model": {"w": torch.ones(3)}, "optim": {"param_groups": [{"lr": math.inf}]}, "step": 2}, path)
+    assert path.read_bytes() == before
+    tokenizer = make_tokenizer(tmp_path / "tokenizer")
+    model = make_model(tmp_path / "unused", "llama", len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteState, match=r"\(first: lm_head.weight\); .*student was not written"):
+        save_model_directory(model, tokenizer, tmp_path / "student")
+    assert not (tmp_path / "student").exists()

@@ -8,7 +8,7 @@ import torch
 
 from tiny_models import make_model, make_tokenizer, write_jsonl
 from trd_fast.tasks.jsonl import JsonlTask
-from trd_fast.trainer.refine.batch import Batch
+from trd_fast.trainer.train.batch import Batch
 from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.config import DistillConfig, from_dict
 from trd_fast.trainer.run.loading import load_causal_lm

@@ -144,6 +144,20 @@ def distillation_loss(student_logits, teacher_logits, *, divergence="forward_kl"
     return (loss, values.detach()) if return_per_token else loss
 
 
+def project_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
+    """An LM head's logits z = c tanh(a (h W^T + b) / c) (c = softcap; z = a (h W^T + b) without one).
+
+    hidden [..., H], weight [V, H], bias [V] -> [..., V], differentiable, in float64 when any input is
+    float64, else float32 (the projection accumulated in that dtype whatever the inputs' dtypes).
+    """
+    dtype = compute_dtype(hidden, weight, *([] if bias is None else [bias]))
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    z = logit_scale * z
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
 def token_logprobs(logits, token_ids, temperature=1.0):
     """log softmax(logits / T) at token_ids [...]; ids == -100 give 0 and no gradient."""
     dtype = compute_dtype(logits)

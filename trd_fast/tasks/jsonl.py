@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from trd_fast.text_files import read_utf8
-from trd_fast.trainer.run.config import DataConfig
 from trd_fast.trainer.protocol import Example
+from trd_fast.trainer.run.config import DataConfig
 
 
 def read_examples(path: str | Path) -> list[Example]:

@@ -1,10 +1,13 @@
 """Atomic training checkpoints: the student (or its LoRA adapters), the optimizer, the schedule, every RNG
-and the data position, written to a temporary file and renamed over the previous checkpoint."""
+and the data position, written to a temporary file and renamed over the previous checkpoint; and model
+directories, written beside the previous one and swapped in whole."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +26,21 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
-def non_finite_tensors(weights: dict[str, torch.Tensor], optimizer_state: dict) -> list[str]:
-    """Names of the floating-point tensors holding NaN or inf: weights by name, optimizer state as
-    "optimizer[i].key" (i: the parameter's index in the optimizer)."""
-    named = list(weights.items())
-    named += [(f"optimizer[{i}].{key}", t) for i, entry in optimizer_state.items() for key, t in entry.items()
-              if isinstance(t, torch.Tensor)]
-    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+def non_finite_values(state, prefix: str = "") -> list[str]:
+    """Where `state` (tensors, floats, and dicts, lists and tuples of them) holds NaN or inf: the key paths of the
+    offending floating-point tensors and floats, e.g. "optimizer.state.3.exp_avg"."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, float):
+        return [] if math.isfinite(state) else [prefix]
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [where for key, value in items
+            for where in non_finite_values(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def save_checkpoint(directory: Path, *, step: int, model, optimizer, scheduler, generator: torch.Generator) -> Path:
@@ -44,16 +55,10 @@ def save_checkpoint(directory: Path, *, step: int, model, optimizer, scheduler, 
         "numpy_rng": np.random.get_state(),
     }
     path = directory / CHECKPOINT
-    bad = non_finite_tensors(state["model"], state["optimizer"]["state"])
-    if bad:
-        kept = f"{path} still holds the previous checkpoint" if path.is_file() else "no checkpoint was written"
-        raise NonFiniteState(f"step {step}: {len(bad)} tensor(s) of the weights or optimizer state hold NaN or "
-                             f"inf (first: {bad[0]}); {kept} and the run stops here")
-    temporary = directory / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    torch.save(state, temporary)
-    with open(temporary, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        atomic_save(state, path)
+    except NonFiniteState as error:
+        raise NonFiniteState(f"step {step}: {error}; the run stops here") from None
     return path
 
 
@@ -67,9 +72,9 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     if missing:
         raise ValueError(f"checkpoint {path} does not match the model: {len(missing)} trainable tensors missing, "
                          f"e.g. {sorted(missing)[0]!r} (a different student or LoRA setting?)")
-    bad = non_finite_tensors(state["model"], state["optimizer"]["state"])
+    bad = non_finite_values(state)
     if bad:
-        raise NonFiniteState(f"checkpoint {path} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}); it "
+        raise NonFiniteState(f"checkpoint {path} holds NaN or inf in {len(bad)} value(s) (first: {bad[0]}); it "
                              f"cannot be resumed: remove it, or set run.resume=false")
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
@@ -79,3 +84,38 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     random.setstate(state["python_rng"])
     np.random.set_state(state["numpy_rng"])
     return int(state["step"])
+
+
+def atomic_save(state: dict, path: Path) -> None:
+    """torch.save `state` to `path` through a temporary file beside it, flushed to disk and renamed over `path`:
+    `path` holds the previous state or the new one, never a partial write. A state holding NaN or inf is not
+    written (NonFiniteState, `path` unchanged)."""
+    _refuse_non_finite(state, path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, temporary)
+    with open(temporary, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def save_model_directory(model, tokenizer, directory: Path) -> None:
+    """`model` and `tokenizer` as a Hugging Face model directory: saved into a sibling, then swapped in for
+    `directory` (the previous one is renamed away first and removed last). Weights holding NaN or inf are not
+    written (NonFiniteState, `directory` unchanged)."""
+    _refuse_non_finite(model.state_dict(), directory)
+    temporary, previous = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    shutil.rmtree(previous, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, previous)
+    os.replace(temporary, directory)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _refuse_non_finite(state, path: Path) -> None:
+    bad = non_finite_values(state)
+    if bad:
+        kept = f"{path} keeps its previous content" if path.exists() else f"{path} was not written"
+        raise NonFiniteState(f"{len(bad)} value(s) to save hold NaN or inf (first: {bad[0]}); {kept}")

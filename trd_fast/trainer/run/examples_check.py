@@ -51,11 +51,21 @@ def check_examples(config: TrainConfig, task: Task, tokenizer, examples: Sequenc
         checks.append((_token_counts(tokenizer, teacher_texts), teacher_context, "teacher prompt", "the teacher",
                        budget, "rollout.max_new_tokens"))
     for lengths, context, what, model, generated, generated_as in checks:
-        for i, length in zip(rows, lengths):
-            if context is not None and length + generated > context:
-                raise ValueError(f"{_where(examples, i, split)}: the {what} is {length} tokens; with {generated} "
-                                 f"more ({generated_as}) it exceeds {model}'s context of {context} positions "
-                                 f"(max_position_embeddings)")
+        check_fit(examples, lengths, rows=rows, split=split, context=context, what=what, model=model,
+                  generated=generated, generated_as=generated_as)
+
+
+def check_fit(examples: Sequence[Example], lengths: Sequence[int], *, rows: Sequence[int] | None = None, split: str,
+              context: int | None, what: str, model: str, generated: int, generated_as: str) -> None:
+    """ValueError naming the first examples[rows[j]] whose `what` (lengths[j] tokens) plus `generated` tokens
+    exceeds `model`'s `context` (nothing is checked when it is None)."""
+    if context is None:
+        return
+    for i, length in zip(range(len(examples)) if rows is None else rows, lengths):
+        if length + generated > context:
+            raise ValueError(f"{_where(examples, i, split)}: the {what} is {length} tokens; with {generated} more "
+                             f"({generated_as}) it exceeds {model}'s context of {context} positions "
+                             f"(max_position_embeddings)")
 
 
 def _token_counts(tokenizer, texts: list[str]) -> list[int]:
