@@ -192,7 +192,7 @@ def _implicit_encoding_calls(path: Path) -> list[str]:
 
 
 def test_every_text_file_the_project_reads_or_writes_names_its_encoding():
-    sources = [p for folder in ("trd_fast", "kernels", "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
+    sources = [p for folder in ("trd_fast", "kernels", "bench", ".ci") for p in sorted((ROOT / folder).rglob("*.py"))]
     sources.append(ROOT / "setup.py")
     offenders = [call for path in sources for call in _implicit_encoding_calls(path)]
     assert not offenders, offenders
