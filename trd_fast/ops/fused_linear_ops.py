@@ -109,6 +109,8 @@ def _scaled(buffer: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _loss_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else backward receives a zero-filled [V, H] for grad_weight
     ctx.save_for_backward(*output[2:])
     ctx.dtypes = [None if t is None else t.dtype for t in inputs[:3]]
     ctx.numel = [0 if t is None else t.numel() for t in inputs[:3]]
@@ -164,6 +166,8 @@ def _(grad_values, values, stats, support_ids, support_teacher, *args):
 
 
 def _values_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output, *inputs[:8])
     ctx.scalars = inputs[8:]
 
