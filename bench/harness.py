@@ -356,7 +356,7 @@ def write_json(path: Path, document: dict) -> Path:
     return path
 
 
-def _fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+def fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return "-" if value is None else f"{value * scale:{spec}}{suffix}"
 
 
@@ -379,15 +379,15 @@ def markdown_table(document: dict, loss_column: bool = False) -> str:
             if row.get("status") != "ok":
                 cells = [label, row["variant"], f"skipped: {row.get('reason', '')}"] + [""] * (len(head) - 3)
             else:
-                cells = [label, row["variant"], _fmt(row["median_s"], ".1f", 1e3), _fmt(row["min_s"], ".1f", 1e3),
-                         str(row["rounds"]), _fmt(row["gb_per_s"], ".1f"), _fmt(row["frac_design"], ".0f", 100),
-                         _fmt(row["frac_ideal"], ".0f", 100), _fmt(row.get("extra_peak_bytes"), ".0f", 1 / MIB),
-                         _fmt(row.get("speedup_vs_eager"), ".2f", suffix="x"),
-                         _fmt(row.get("speedup_vs_compile"), ".2f", suffix="x")]
+                cells = [label, row["variant"], fmt(row["median_s"], ".1f", 1e3), fmt(row["min_s"], ".1f", 1e3),
+                         str(row["rounds"]), fmt(row["gb_per_s"], ".1f"), fmt(row["frac_design"], ".0f", 100),
+                         fmt(row["frac_ideal"], ".0f", 100), fmt(row.get("extra_peak_bytes"), ".0f", 1 / MIB),
+                         fmt(row.get("speedup_vs_eager"), ".2f", suffix="x"),
+                         fmt(row.get("speedup_vs_compile"), ".2f", suffix="x")]
                 if has_liger:
-                    cells.append(_fmt(row.get("speedup_vs_liger"), ".2f", suffix="x"))
+                    cells.append(fmt(row.get("speedup_vs_liger"), ".2f", suffix="x"))
                 if loss_column:
-                    cells.append(_fmt(row.get("loss_rel_diff_vs_eager"), ".1e"))
+                    cells.append(fmt(row.get("loss_rel_diff_vs_eager"), ".1e"))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from torch.library import wrap_triton
 
 from trd_fast.kernels.common import (cast_for_store, hyper, log_mixture, online_logsumexp, rescale, row_offset,
                                      split, xlogratio)
-from trd_fast.kernels.configs import stream_configs
+from trd_fast.kernels.configs import STREAM_PRUNE, stream_configs
 
 
 # Forward. forward_kl in one streaming pass: log q - log p = (b - a) - B + A, so
@@ -176,13 +176,15 @@ def _divergence_backward_kernel(
         tl.store(out_row + cols * s_out_v, cast_for_store(grad, out_ptr), mask=cols < V_student)
 
 
-divergence_forward_kernel = triton.autotune(configs=stream_configs(), key=["V_common", "KIND"])(
-    _divergence_forward_kernel)
-divergence_backward_kernel = triton.autotune(configs=stream_configs(), key=["V_student", "V_common", "KIND"])(
+divergence_forward_kernel = triton.autotune(
+    configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V_common", "KIND"])(_divergence_forward_kernel)
+divergence_backward_kernel = triton.autotune(
+    configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V_student", "V_common", "KIND"])(
     _divergence_backward_kernel)
 # In place the kernel overwrites the student logits it reads: benchmarking must restore them between configs.
 divergence_backward_inplace_kernel = triton.autotune(
-    configs=stream_configs(), key=["V_student", "V_common", "KIND"], restore_value=["student_ptr"])(
+    configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V_student", "V_common", "KIND"],
+    restore_value=["student_ptr"])(
     _divergence_backward_kernel)
 
 

@@ -10,7 +10,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from trd_fast.kernels.common import cast_for_store, hyper, online_logsumexp, row_offset, split
-from trd_fast.kernels.configs import stream_configs
+from trd_fast.kernels.configs import STREAM_PRUNE, stream_configs
 
 
 # Id check: every id is in [0, V) or -100. A separate, tiny kernel compiled with debug=True so that its
@@ -110,8 +110,9 @@ def _token_logprobs_backward_kernel(
         tl.store(out_row + cols * s_out_v, cast_for_store(grad, out_ptr), mask=inside)
 
 
-token_logprobs_kernel = triton.autotune(configs=stream_configs(), key=["V"])(_token_logprobs_kernel)
-token_logprobs_backward_kernel = triton.autotune(configs=stream_configs(), key=["V"])(
+token_logprobs_kernel = triton.autotune(configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V"])(
+    _token_logprobs_kernel)
+token_logprobs_backward_kernel = triton.autotune(configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V"])(
     _token_logprobs_backward_kernel)
 CHECK_BLOCK = 1024
 
