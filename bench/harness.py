@@ -25,7 +25,7 @@ MIB = 1 << 20
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # ----------------------------------------------------------------------------------------------------------
-# Traffic model (DESIGN.md, "Performance contract"); b = bytes per logit, both inputs in the same dtype.
+# Traffic model (docs/design.md, "Performance contract"); b = bytes per logit, both inputs in the same dtype.
 
 TRAFFIC_MODEL = {
     "forward_kl": "forward 2NVb (read student and teacher once) + backward 3NVb (read both, write the gradient)",
@@ -39,7 +39,7 @@ TRAFFIC_MODEL = {
 
 
 def design_bytes(divergence: str, n: int, v: int, itemsize: int, passes: str) -> int:
-    """The design's own traffic: what a kernel built as DESIGN.md says must move."""
+    """The design's own traffic: what a kernel built as docs/design.md says must move."""
     forward = (4 if divergence == "jsd" else 2) * n * v * itemsize
     return forward + (3 * n * v * itemsize if passes == "fwd+bwd" else 0)
 

@@ -26,7 +26,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
-from trd_fast.ops.backend import resolve  # noqa: E402
+from trd_fast.ops.registry import resolve  # noqa: E402
 
 MIB = 1 << 20
 SHAPES = {  # B, T, V, hidden, layers
