@@ -19,8 +19,8 @@ from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model_directory
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.engine import Engine, build_engine
-from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate
+from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, plot_curves, read_metrics
 from trd_fast.trainer.run.schedule import cosine_schedule
 from trd_fast.trainer.train.step import train_on
