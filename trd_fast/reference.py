@@ -99,15 +99,26 @@ def per_position_divergence(student_logits, teacher, *, divergence="forward_kl",
     `teacher` is dense logits [..., V_t] or a SparseTeacher. float64 in, float64 out; else float32.
     """
     divergence = effective_divergence(divergence, beta)
+    student_sub, teacher_sub, _ = divergence_support(student_logits, teacher, top_k=top_k)
+    return _Divergence.apply(student_sub, teacher_sub.detach(), divergence, beta, temperature)
+
+
+def divergence_support(student_logits, teacher, *, top_k=None):
+    """The columns the divergence is taken over: (student [..., w], teacher [..., w], ids [..., w] or None).
+
+    Dense teacher logits: the common columns [0, min(V_s, V_t)) (ids None: column j is token j), or with
+    `top_k` the teacher's top-k among them (ids: their token ids). SparseTeacher: its ids, an empty slot (-1)
+    -inf on both sides. Differentiable w.r.t. student_logits.
+    """
     if hasattr(teacher, "ids"):  # SparseTeacher: its own support
         student_sub, teacher_sub = _gather_support(student_logits, teacher.logprobs, teacher.ids)
-        return _Divergence.apply(student_sub, teacher_sub.detach(), divergence, beta, temperature)
+        return student_sub, teacher_sub, teacher.ids
     width = min(student_logits.shape[-1], teacher.shape[-1])
-    student_c, teacher_c = student_logits[..., :width], teacher[..., :width].detach()
-    if top_k is not None:
-        ids = teacher_c.topk(min(top_k, width), dim=-1).indices
-        student_c, teacher_c = student_c.gather(-1, ids), teacher_c.gather(-1, ids)
-    return _Divergence.apply(student_c, teacher_c, divergence, beta, temperature)
+    student_c, teacher_c = student_logits[..., :width], teacher[..., :width]
+    if top_k is None:
+        return student_c, teacher_c, None
+    ids = teacher_c.topk(min(top_k, width), dim=-1).indices
+    return student_c.gather(-1, ids), teacher_c.gather(-1, ids), ids
 
 
 def reduce(values, *, clip=None, weight=None, normalizer=None, reduction="mean"):

@@ -82,7 +82,7 @@ def fused_linear_loss(*args):
     def upstream(rows: slice, values: Tensor) -> Tensor:
         return reduction_gradient(values, clip=clip, weight=None if weight is None else weight[rows], scale=scale)
 
-    grads = Gradients.zeros(problem, wanted)
+    grads = Gradients.allocate(problem, wanted)
     saved = _engine(problem).forward(grads if any(wanted) else None, upstream)
     loss = reduce_values(saved.values, clip=clip, weight=weight, normalizer=normalizer, reduction=reduction)
     return (loss, saved.values, *_outputs(grads, hidden))
@@ -106,6 +106,8 @@ def _scaled(buffer: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _loss_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else backward receives a zero-filled [V, H] for grad_weight
     ctx.save_for_backward(*output[2:])
     ctx.dtypes = [None if t is None else t.dtype for t in inputs[:3]]
     ctx.numel = [0 if t is None else t.numel() for t in inputs[:3]]
@@ -144,7 +146,7 @@ def _fake_values(*problem):
 def fused_linear_values_backward(grad_values, values, stats, support_ids, support_teacher, *args):
     """The student's gradients for grad_values [N] (each empty where not wanted)."""
     problem, wanted = _problem(*args[:PROBLEM_ARGS]), args[PROBLEM_ARGS]
-    grads = Gradients.zeros(problem, wanted)
+    grads = Gradients.allocate(problem, wanted)
     saved = Saved(values, stats, support_ids, support_teacher)
     _engine(problem).backward(grad_values.to(torch.float32), saved, grads)
     return _outputs(grads, problem.student.hidden)
@@ -155,6 +157,8 @@ def _fake_values_backward(grad_values, values, stats, support_ids, support_teach
 
 
 def _values_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output, *inputs[:8])
     ctx.scalars = inputs[8:]
 
