@@ -18,6 +18,7 @@ from torch import Tensor
 import trd_fast
 
 from trd_fast.trainer.run.config import TrainConfig
+from trd_fast.trainer.rollout.draft import DraftConfig, Drafter
 from trd_fast.trainer.rollout.generation import Rollout, Runner, SamplingConfig
 from trd_fast.trainer.refine.splice import splice
 from trd_fast.trainer.protocol import Example, Task
@@ -60,6 +61,7 @@ def build_batch(config: TrainConfig, task: Task, tokenize: Tokenize, examples: S
     sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_new_tokens)
     teacher_sampling = SamplingConfig(temperature=r.teacher_temperature, max_new_tokens=r.max_new_tokens)
+    draft = DraftConfig(tokens=d.draft_tokens, match=d.draft_match)
     progress = "rollout" if config.run.progress else None
 
     start = clock()
@@ -81,7 +83,8 @@ def build_batch(config: TrainConfig, task: Task, tokenize: Tokenize, examples: S
         refine_contexts = [tokenize(task.refine_prompt(e, tokenize.text(y), privileged))
                            for e, y in zip(examples, y_o)]
         rewrite = teacher.generate(refine_contexts, teacher_sampling, generator=generator, capture_logits=True,
-                                   progress="rewrite" if progress else None, row_ids=row_ids)
+                                   progress="rewrite" if progress else None, row_ids=row_ids,
+                                   drafter=Drafter(draft, y_o, teacher.eos_id) if draft.tokens else None)
         completions = rows_of(rewrite)
         targets = [rewrite.logits[b, :len(y)] for b, y in enumerate(completions)]
         weights = [torch.ones(len(y)) for y in completions]
@@ -90,7 +93,7 @@ def build_batch(config: TrainConfig, task: Task, tokenize: Tokenize, examples: S
         result = splice(teacher, teacher_contexts, rollout, _splice_signal(config, rollout),
                         threshold=d.splice_threshold, window=d.splice_window, chunk=d.splice_chunk or None,
                         sampling=teacher_sampling, generator=generator, row_ids=row_ids,
-                        progress="splice" if progress else None)
+                        progress="splice" if progress else None, draft=draft)
         completions, targets = result.tokens, result.targets
         weights = []
         for y, k in zip(completions, result.cut.tolist()):

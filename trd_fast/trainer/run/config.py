@@ -71,6 +71,9 @@ class DistillConfig:
                                        # failure point; 0: one pass over all of y_o
     prefix_weight: float = 1.0         # trd_splice: loss weight of y_r tokens kept from y_o
     suffix_weight: float = 1.0         # trd_splice: loss weight of the teacher's continuation
+    draft_tokens: int = 16             # trd, trd_splice: y_o tokens the teacher verifies as a draft per forward
+                                       # (exactly the same output, fewer forwards); 0: plain decoding
+    draft_match: int = 3               # generated tokens matched in y_o to re-align the draft after a mismatch
     epistemic_tokens: tuple[str, ...] = ("Wait", "Actually")  # words whose teacher probability mass is logged
 
 
@@ -133,6 +136,8 @@ def _validate(c: TrainConfig) -> None:
     need(d.splice_chunk >= 0, "distill.splice_chunk", "must be >= 0")
     need(math.isfinite(d.splice_threshold), "distill.splice_threshold", "must be finite")
     need(d.prefix_weight >= 0 and d.suffix_weight >= 0, "distill.prefix_weight / suffix_weight", "must be >= 0")
+    need(d.draft_tokens >= 0, "distill.draft_tokens", "must be >= 0")
+    need(d.draft_match >= 1, "distill.draft_match", "must be >= 1")
     need(o.steps >= 0 and o.batch_size >= 1, "optim.steps / batch_size", "steps >= 0 and batch_size >= 1")
     need(1 <= o.micro_batches <= o.batch_size, "optim.micro_batches", "must be in [1, batch_size]")
     need(o.lr > 0 and o.warmup_steps >= 0 and o.max_grad_norm >= 0, "optim", "lr > 0, warmup_steps >= 0, "
