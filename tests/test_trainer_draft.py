@@ -11,7 +11,9 @@ import torch
 
 from tiny_models import PAD, VOCAB, fresh, tiny_lm
 from trd_fast.tasks import ChainTask, checkpoint_dir
-from trd_fast.trainer.refine.batch import Tokenize, build_batch
+from trd_fast.trainer.protocol import Tokenize
+from trd_fast.trainer.refine.modes import build_batch
+from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.refine.splice import splice
 from trd_fast.trainer.rollout.draft import DraftConfig, Drafter
 from trd_fast.trainer.rollout.generation import Runner, SamplingConfig
@@ -336,9 +338,9 @@ def test_shipped_task_refinement_is_the_same_with_drafts(shipped, mode):
     for tokens in (0, 1, 4, 16):
         engine.student.new_step()
         engine.teacher.new_step()
-        batches[tokens] = build_batch(config(mode, tokens), task, tokenize, examples, engine.student,
-                                      engine.teacher, torch.Generator().manual_seed(2), list(range(12)), {},
-                                      lambda: 0.0)
+        batches[tokens], _ = build_batch(BatchRequest(config(mode, tokens), task, tokenize, engine.student,
+                                                      engine.teacher, torch.Generator().manual_seed(2), examples,
+                                                      list(range(12))))
         counters[tokens] = engine.teacher.counters
     plain = batches[0]
     for tokens in (1, 4, 16):

@@ -1,7 +1,13 @@
 """trd_fast: fused divergence kernels and a Trajectory-Refined Distillation engine."""
 
-from trd_fast.losses import DistillationLoss
-from trd_fast.ops import LossOptions, SparseTeacher, distillation_loss, prefix_scan, token_logprobs
+import torch
+
+from trd_fast.dependencies import check_version
+
+check_version("torch", torch.__version__, "trd_fast")
+
+from trd_fast.losses import DistillationLoss  # noqa: E402
+from trd_fast.ops import LossOptions, SparseTeacher, distillation_loss, prefix_scan, token_logprobs  # noqa: E402
 
 __version__ = "0.1.0"
 

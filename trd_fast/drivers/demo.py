@@ -16,21 +16,18 @@ from pathlib import Path
 
 import torch
 
-from trd_fast.trainer.run.config import TrainConfig, from_dict
-from trd_fast.trainer.rollout.generation import Runner
-from trd_fast.trainer.run.loop import EVAL_SEED, evaluate, train
-from trd_fast.trainer.run.metrics import METRICS, read_metrics
-from trd_fast.trainer.run.loading import load_causal_lm, load_tokenizer
-from trd_fast.trainer.refine.batch import Tokenize
-
-from trd_fast.tasks.paths import checkpoint_dir
 from trd_fast.tasks.chain import ChainTask
+from trd_fast.tasks.paths import checkpoint_dir
+from trd_fast.trainer.refine.stats import REFINEMENT
+from trd_fast.trainer.run.config import TrainConfig, from_dict
+from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate_saved
+from trd_fast.trainer.run.loop import train
+from trd_fast.trainer.run.metrics import METRICS, read_metrics
 
 METHODS = ("opd", "trd", "trd_splice")
-REFINEMENT = ("y_o_accuracy", "y_r_accuracy", "y_o_len", "y_r_len", "fail_to_pass", "pass_to_fail")
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output", default="runs/demo", help="where runs, report.json and curves.png go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -61,7 +58,7 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> TrainConfig:
                 "progress": not args.no_progress, "save_student": True}})
 
 
-def run_demo(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight loading and saving bars, once per run
     out = Path(args.output)
@@ -95,12 +92,8 @@ def run_demo(args: argparse.Namespace) -> dict:
 def _final_eval(path: Path, model_dir: str, task, examples, args, extra: dict | None = None) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
-    tokenizer = load_tokenizer(model_dir, role="student")
-    model = load_causal_lm(model_dir, role="student")
-    runner = Runner(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name="student",
-                    vocab_size=len(tokenizer))
-    result = evaluate(runner, task, Tokenize(tokenizer), examples, max_new_tokens=args.max_new_tokens,
-                      batch_size=250, progress=not args.no_progress)
+    result = evaluate_saved(model_dir, task, examples, max_new_tokens=args.max_new_tokens, batch_size=250,
+                            progress=not args.no_progress).summary()
     result.update(extra or {})
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(result, indent=2) + "\n")

@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 import transformers
 
+from trd_fast.dependencies import check_version
 from trd_fast.losses import DistillationLoss
+
+check_version("transformers", transformers.__version__, "trd_fast.integrations.hf")
 
 IGNORE_INDEX = -100
 

@@ -31,9 +31,10 @@ import inspect
 import warnings
 from dataclasses import dataclass
 
+from trd_fast.dependencies import SUPPORTED
 from trd_fast.integrations.gkd_loss import jsd_loss
 
-MIN_TRL = "1.7.0"  # first TRL whose generalized_jsd_loss takes num_items_in_batch
+MIN_TRL = SUPPORTED["trl"][0]  # first TRL whose generalized_jsd_loss takes num_items_in_batch
 CHECKED_TRL = ("1.7.0", "1.8.0", "1.12.0", "1.15.0", "1.16.0")  # versions whose loss source was read
 ATTRIBUTE = "generalized_jsd_loss"
 _EMPTY = inspect.Parameter.empty

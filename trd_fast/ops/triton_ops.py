@@ -11,11 +11,16 @@ Numerics: fp32 math for fp32 / bf16 / fp16 inputs; fp64 math for float64 inputs 
 import contextlib
 
 import torch
+import triton
 from torch.library import triton_op
 
-from trd_fast.kernels import (check_token_ids, divergence_backward, divergence_forward, segmented_scan,
+from trd_fast.dependencies import check_version
+
+check_version("triton", triton.__version__, "trd_fast's Triton backend")
+
+from trd_fast.kernels import (check_token_ids, divergence_backward, divergence_forward, segmented_scan,  # noqa: E402
                               token_logprobs_backward, token_logprobs_forward)
-from trd_fast.ops.opset import OpSet, register_autograd, stats_dtype
+from trd_fast.ops.opset import OpSet, register_autograd, stats_dtype  # noqa: E402
 
 TRITON_OPS = OpSet(suffix="_triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from trd_fast.trainer.run.config import DataConfig
 from trd_fast.trainer.protocol import Example
+from trd_fast.trainer.run.config import DataConfig
 
 
 def read_examples(path: str | Path) -> list[Example]:

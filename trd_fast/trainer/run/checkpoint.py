@@ -1,10 +1,12 @@
 """Atomic training checkpoints: the student (or its LoRA adapters), the optimizer, the schedule, every RNG
-and the data position, written to a temporary file and renamed over the previous checkpoint."""
+and the data position, written to a temporary file and renamed over the previous checkpoint; and model
+directories, written beside the previous one and swapped in whole."""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +33,7 @@ def save_checkpoint(directory: Path, *, step: int, model, optimizer, scheduler, 
         "numpy_rng": np.random.get_state(),
     }
     path = directory / CHECKPOINT
-    temporary = directory / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    torch.save(state, temporary)
-    with open(temporary, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    atomic_save(state, path)
     return path
 
 
@@ -57,3 +55,27 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     random.setstate(state["python_rng"])
     np.random.set_state(state["numpy_rng"])
     return int(state["step"])
+
+
+def atomic_save(state: dict, path: Path) -> None:
+    """torch.save `state` to `path` through a temporary file beside it, flushed to disk and renamed over `path`:
+    `path` holds the previous state or the new one, never a partial write."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, temporary)
+    with open(temporary, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def save_model_directory(model, tokenizer, directory: Path) -> None:
+    """`model` and `tokenizer` as a Hugging Face model directory: saved into a sibling, then swapped in for
+    `directory` (the previous one is renamed away first and removed last)."""
+    temporary, previous = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    shutil.rmtree(previous, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, previous)
+    os.replace(temporary, directory)
+    shutil.rmtree(previous, ignore_errors=True)

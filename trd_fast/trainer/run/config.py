@@ -29,7 +29,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: str = ""                     # a shipped task by name (the cli resolves it); or use train_jsonl
+    task: str = ""                     # a shipped task by name (tasks/registry.py); or use train_jsonl
     train_jsonl: str = ""              # JSONL of {"prompt", optional "solution", optional "answer"} to train on
     eval_jsonl: str = ""               # JSONL to evaluate on (default: train_jsonl)
     prompt_template: str = "{prompt}\n"                # JSONL tasks: the student's context x

@@ -10,10 +10,9 @@ import torch
 from torch import Tensor
 
 import trd_fast
-
 from trd_fast.trainer.run.config import DistillConfig
-from trd_fast.trainer.run.loading import packed_logits
-from trd_fast.trainer.refine.batch import Batch
+from trd_fast.trainer.train.batch import Batch
+from trd_fast.trainer.train.forward import packed_logits
 from trd_fast.trainer.train.targets import build_targets
 
 
