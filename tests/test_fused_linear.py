@@ -257,6 +257,16 @@ def test_no_n_by_v_allocation(monkeypatch, options):
     assert largest_allocation(step("torch")) >= n * vocab * 4 > 4 * bound
 
 
+def test_scalar_loss_backward_allocates_no_head_sized_tensor():
+    """With a scalar loss the gradients come from the forward: the backward scales them in place (fp32) and
+    allocates nothing of the head's size [V, H] (not even autograd's zero gradients for the op's other outputs)."""
+    inputs = heads((4, 5))
+    leaves = {k: inputs[k].clone().requires_grad_() for k in STUDENT}
+    loss = trd_fast.fused_linear_distillation_loss(**{**inputs, **leaves}, backend=require_backend("cpp"))
+    assert largest_allocation(loss.backward) < VS * HS * 4
+    assert all(leaves[k].grad is not None for k in STUDENT)
+
+
 # ---------------------------------------------------------------------------------------------- torch.library
 
 def op_arguments(inputs, top_k=None, kind=0, beta=0.0):

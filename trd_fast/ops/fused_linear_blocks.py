@@ -22,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from trd_fast.ops.opset import OpSet
+from trd_fast.ops.registry import OpSet
 
 # Bytes of tiles one block may use, per device type; R = budget // (bytes per row), at least 1.
-TILE_BUDGET_BYTES = {"cpu": 128 << 20, "cuda": 512 << 20}
-DEFAULT_TILE_BUDGET = 128 << 20
+TILE_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
+DEFAULT_TILE_BUDGET = 256 << 20
 REDUCED = (torch.bfloat16, torch.float16)
 
 
@@ -135,18 +135,25 @@ class Problem:
 class Gradients:
     """Accumulators in the compute dtype (None: not wanted)."""
 
-    hidden: torch.Tensor | None  # [N, H_s]
+    hidden: torch.Tensor | None  # [N, H_s], each block writes its own rows
     weight: torch.Tensor | None  # [V_s, H_s]
     bias: torch.Tensor | None  # [V_s]
+    fresh_weight: bool = False  # weight[:Vc] not written yet: the first dense block overwrites instead of adding
 
     @staticmethod
-    def zeros(problem: Problem, wanted: list[bool]) -> "Gradients":
+    def allocate(problem: Problem, wanted: list[bool]) -> "Gradients":
+        """The wanted accumulators. The head's is not zero-filled where the first dense block overwrites it
+        (a whole pass over a fresh [V, H] saved); rows j >= Vc and scattered (gathered) gradients start at 0."""
         head, dtype = problem.student, problem.dtype
-        hidden = torch.zeros(head.hidden.shape, dtype=dtype, device=head.hidden.device) if wanted[0] else None
-        weight = torch.zeros(head.weight.shape, dtype=dtype, device=head.weight.device) if wanted[1] else None
+        hidden = torch.empty(head.hidden.shape, dtype=dtype, device=head.hidden.device) if wanted[0] else None
+        fresh = wanted[1] and not problem.gathers and problem.rows > 0
+        weight = None
+        if wanted[1]:
+            weight = torch.empty(head.weight.shape, dtype=dtype, device=head.weight.device)
+            (weight[problem.columns:] if fresh else weight).zero_()
         bias = torch.zeros(head.weight.shape[:1], dtype=dtype, device=head.weight.device) \
             if wanted[2] and head.bias is not None else None
-        return Gradients(hidden, weight, bias)
+        return Gradients(hidden, weight, bias, fresh)
 
 
 @dataclass
@@ -242,7 +249,9 @@ class Engine:
             matmul(grads.hidden[block.rows], operand, head.weight[:columns], alpha=head.scale)
         if grads.weight is not None:
             rows = grads.weight[:columns]
-            matmul(rows, operand.t(), head.rows(block.rows), alpha=head.scale, add=rows, beta=1.0)
+            matmul(rows, operand.t(), head.rows(block.rows), alpha=head.scale,
+                   add=None if grads.fresh_weight else rows, beta=1.0)
+            grads.fresh_weight = False
         if grads.bias is not None:
             grads.bias[:columns].add_(e.sum(0), alpha=head.scale)
 
