@@ -73,7 +73,7 @@ RUN_BREAKERS = {
     "distill.temperature=.inf": "distill.temperature: must be finite, got inf",
     "optim.weight_decay=-0.1": "optim.weight_decay: must be >= 0, got -0.1",
     "optim.max_grad_norm=-.inf": "optim.max_grad_norm: must be finite",
-    "distill.dense_target_mb=-1": "distill.dense_target_mb: must be >= 0",
+    "run.memory_budget_mb=0": "run.memory_budget_mb: must be > 0",
     "distill.clip=.inf": "distill.clip: must be finite",
     "distill.prefix_weight=-1": "distill.prefix_weight: must be >= 0",
     "rollout.teacher_temperature=.inf": "rollout.teacher_temperature: must be finite",

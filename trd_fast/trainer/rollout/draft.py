@@ -12,7 +12,7 @@ Verification walks the slots in order:
 The token after the accepted prefix d_0 .. d_{a-1} comes from slot a: that corrected draw, or a plain draw
 when all m were accepted. Each position then has law p_j exactly: P(d_j) = p_j(d_j), and for y != d_j
 P(y) = (1 - p_j(d_j)) p_j(y) / (1 - p_j(d_j)) = p_j(y); the draft depends only on tokens already generated.
-A forward thus yields a + 1 tokens, and their captured logits are its slots 0 .. a: the logits a plain
+A forward thus yields a + 1 tokens, and their captured hidden states are its slots 0 .. a: those a plain
 forward over (context, output) gives, up to the rounding of a multi-token forward. The rejected slots are
 masked out of the KV cache and the cache is cut back to the longest kept block, so no later token sees them.
 
@@ -35,8 +35,6 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-
-import trd_fast
 
 from trd_fast.trainer.rollout.kv_cache import CachedBatch
 from trd_fast.trainer.rollout.sampling import SamplingConfig, filtered_weights, greedy, inverse_cdf, uniform
@@ -166,11 +164,13 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
         for i, p in enumerate(proposals):
             drafts[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
         tails = [drafts[i, :len(p)] for i, p in enumerate(proposals)]
-        logits, state = runner.prefill([rows[i] for i in order], heads, tails, keep=width + 1, state=state,
-                                       history=history, draft=True)         # [A, 1 + D, V]
+        hidden, state = runner.prefill([rows[i] for i in order], heads, tails, keep=width + 1, state=state,
+                                       history=history, draft=True)         # [A, 1 + D, H]
+        logits = runner.head.logits(hidden)                                  # [A, 1 + D, V]: the verified rows
         accepted, token = verify(logits, drafts, lengths, sampling, generator, runner.vocab_size)
         runner.counters.accepted_tokens += int(accepted.sum())
-        _record(runner, trace, alive, logits, drafts, accepted, token, capture)
+        _record(runner, trace, alive, hidden, logits, drafts, accepted, token, capture)
+        del logits
         for i, p, a, t in zip(order, proposals, accepted.tolist(), token.tolist()):
             drafter.advance(i, p[:a] + [t], a)
         going = (token != runner.eos_id) & (trace.lengths[alive] < budget[alive])
@@ -184,14 +184,14 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
     bar.close()
 
 
-def _record(runner: Runner, trace: Trace, alive: Tensor, logits: Tensor, drafts: Tensor, accepted: Tensor,
-            token: Tensor, capture: bool) -> None:
-    """Each alive row's accepted draft tokens, then its own token, into the trace with their slots' logits."""
+def _record(runner: Runner, trace: Trace, alive: Tensor, hidden: Tensor, logits: Tensor, drafts: Tensor,
+            accepted: Tensor, token: Tensor, capture: bool) -> None:
+    """Each alive row's accepted draft tokens, then its own token, into the trace with their slots' hidden states
+    [A, 1 + D, H] and logits [A, 1 + D, V]."""
     for j in range(int(accepted.max()) + 1):
         at = (accepted >= j).nonzero()[:, 0]
         drawn = token[at] if j == drafts.shape[1] else torch.where(accepted[at] > j, drafts[at, j], token[at])
-        raw = logits[at, j]                                                          # [a, V]
-        trace.add(alive[at], drawn, trd_fast.token_logprobs(raw, drawn), raw if capture else None, runner.eos_id)
+        runner.record(trace, alive[at], drawn, hidden[at, j], logits[at, j], capture=capture)
 
 
 def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, keep: Tensor) -> CachedBatch:

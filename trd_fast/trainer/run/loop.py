@@ -117,7 +117,8 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     engine.student_model.train()
     optimizer.zero_grad(set_to_none=True)
     result = train_on(engine.student_model, batch, config.distill, micro_batches=config.optim.micro_batches,
-                      epistemic_ids=epistemic, inplace_backward=engine.inplace_backward)
+                      epistemic_ids=epistemic, student_head=engine.student_head, teacher_head=engine.teacher_head,
+                      budget_bytes=int(config.run.memory_budget_mb * 2**20))
     if not math.isfinite(result.loss):
         raise NonFiniteLoss(f"non-finite loss ({result.loss}) at step {step + 1}; the run stops here and "
                             f"{config.run.output_dir}/checkpoint.pt keeps the last good state")
@@ -144,9 +145,9 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
               "teacher_forwards": t.forwards, "teacher_rescore_forwards": t.rescore_forwards,
               "teacher_rescore_tokens": t.rescore_tokens, **batch.stats}
     if result.sparse_targets and config.distill.mode == "trd" and step == 0:
-        warnings.warn(f"teacher targets exceed distill.dense_target_mb and are kept as top-"
-                      f"{config.distill.teacher_top_k}: trd then departs from the paper's full-vocabulary "
-                      f"forward KL (recorded as sparse_targets in metrics.jsonl)", stacklevel=2)
+        warnings.warn(f"teacher targets are kept as top-{config.distill.teacher_top_k} (distill.teacher_targets="
+                      f"top_k): trd then departs from the paper's full-vocabulary forward KL (recorded as "
+                      f"sparse_targets in metrics.jsonl)", stacklevel=2)
     return record
 
 

@@ -1,6 +1,7 @@
-"""The training step's loss: the student's packed forward over (x, y), the fused distillation loss against
-the teacher targets, backward in micro-batches with the normalizer fixed to the global batch's token count
-(so gradient accumulation gives the same gradient as one big batch)."""
+"""The training step's loss: the student's packed backbone forward over (x, y), the fused linear distillation
+loss of its hidden states and LM head against the teacher targets (the teacher's hidden states and LM head, or
+its top-k log-probs), backward in micro-batches with the normalizer fixed to the global batch's token count (so
+gradient accumulation gives the same gradient as one big batch). No [n, V] logits exist in a step."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 from torch import Tensor
 
 import trd_fast
+from trd_fast.heads import LMHead
+from trd_fast.trainer.rollout.capture import concat_targets
 from trd_fast.trainer.run.config import DistillConfig
 from trd_fast.trainer.train.batch import Batch
-from trd_fast.trainer.train.forward import packed_logits
-from trd_fast.trainer.train.targets import build_targets
+from trd_fast.trainer.train.forward import packed_hidden
 from trd_fast.trainer.train.token_stats import support_stats
 
 
@@ -46,8 +48,12 @@ class StepResult:
 
 
 def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epistemic_ids: Tensor,
-             inplace_backward: bool) -> StepResult:
-    """Forward and backward over the batch (gradients accumulate in the model); no optimizer step."""
+             student_head: LMHead, teacher_head: LMHead, budget_bytes: int) -> StepResult:
+    """Forward and backward over the batch (gradients accumulate in the model); no optimizer step.
+
+    student_head: the LM head of `model` (its weight a parameter of the model, so it trains); teacher_head: the
+    head of the teacher whose hidden states batch.targets holds (unused for top-k targets). The metrics form
+    logits in row blocks of at most `budget_bytes`."""
     spec = loss_spec(d)
     device = next(model.parameters()).device
     total = sum(len(y) for y in batch.completions)
@@ -64,18 +70,20 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
         keep = [torch.arange(len(x) - 1, len(x) + len(y) - 1)
                 for x, y in zip(batch.contexts[lo:hi], batch.completions[lo:hi])]
         weight = torch.cat(batch.weights[lo:hi]).to(device)                    # [n]
-        logits = packed_logits(model, sequences, keep)                         # [n, V_s]
-        targets = build_targets(batch.targets[lo:hi], budget_mb=d.dense_target_mb, top_k=d.teacher_top_k,
-                                student_vocab=logits.shape[-1])
-        sparse = sparse or targets.is_sparse
-        teacher, top_k = targets.rows(slice(None)), None if targets.is_sparse else spec.top_k
-        entropy, mass = support_stats(logits, teacher, top_k=top_k, epistemic_ids=epistemic_ids)
+        hidden = packed_hidden(model, sequences, keep)                         # [n, H_s]
+        teacher = concat_targets(batch.targets[lo:hi])                         # [n, H_t] or top-k [n, k]
+        is_sparse = isinstance(teacher, trd_fast.SparseTeacher)
+        sparse = sparse or is_sparse
+        top_k = None if is_sparse else spec.top_k
+        entropy, mass = support_stats(hidden, student_head, teacher, teacher_head, top_k=top_k,
+                                      epistemic_ids=epistemic_ids, budget_bytes=budget_bytes)
         entropy_sum += float(entropy.sum())
         mass_sum += float(mass.sum())
-        loss, per_token = trd_fast.distillation_loss(
-            logits, teacher, divergence=spec.divergence, beta=spec.beta, temperature=d.temperature, top_k=top_k,
-            clip=spec.clip, weight=weight, normalizer=normalizer, return_per_token=True,
-            inplace_backward=inplace_backward)
+        teacher_arguments = {} if is_sparse else teacher_head.loss_arguments("teacher")
+        loss, per_token = trd_fast.fused_linear_distillation_loss(
+            hidden, teacher_hidden=teacher, **student_head.loss_arguments("student"), **teacher_arguments,
+            divergence=spec.divergence, beta=spec.beta, temperature=d.temperature, top_k=top_k, clip=spec.clip,
+            weight=weight, normalizer=normalizer, return_per_token=True)
         loss.backward()
         loss_sum += float(loss.detach())
         divergence_sum += float(per_token.sum())

@@ -1,12 +1,12 @@
-"""A Hugging Face causal LM as hidden states and an LM head, for losses that never form its logits.
+"""A Hugging Face causal LM as hidden states and an LM head, for code that never forms all of its logits.
 
 The logits of a causal LM are z = c tanh(a (h W^T + b) / c): h its final hidden states (after the final norm),
 W [V, H] and b [V] its output embedding (get_output_embeddings()), a a logit scale and c a final softcap from
 its config where the architecture has them (no tanh without c). The scale's config key depends on the
 architecture: MULTIPLIERS multiply the logits (Cohere's logit_scale, Falcon-H1's lm_head_multiplier, ...),
-DIVISOR divides them (Granite, MiniCPM3), except in DIVISOR_MULTIPLIES model types (HyperCLOVA X). An
-architecture that transforms its logits some other way is caught by check_lm_head, which compares the implied
-logits with the model's own on one sequence.
+DIVISOR divides them (Granite, MiniCPM3), except in DIVISOR_MULTIPLIES model types (HyperCLOVA X). A config
+holding one of the UNFUSABLE keys transforms its logits some other way and is refused by name; any other
+architecture that does is caught by check_lm_head, which compares the implied logits with the model's own.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from trd_fast import reference
-
 MULTIPLIERS = ("logit_scale", "output_multiplier", "lm_head_multiplier")  # config keys: z = key * (h W^T + b)
 DIVISOR = "logits_scaling"  # config key: z = (h W^T + b) / key
 DIVISOR_MULTIPLIES = ("hyperclovax",)  # model types whose logits_scaling multiplies
 SOFTCAP = "final_logit_softcapping"  # config key: z = c tanh(z / c), after the scale
+UNFUSABLE = {  # config key -> how its head departs from z = c tanh(a (h W^T + b) / c)
+    "output_logit_soft_cap": "a soft-cap applied in the model's own code (xLSTM)",
+    "num_codebooks": "one head per codebook (audio token models)",
+    "dim_model_base": "hidden states rescaled before the head (MiniCPM)",
+    "mup_width_multiplier": "muP logits divided by the width multiplier",
+}
 
 
 @dataclass(frozen=True)
@@ -32,18 +36,33 @@ class LMHead:
     softcap: float | None  # c; None: no tanh
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The implied logits [..., V] fp32 (fp64 for fp64 inputs) of hidden [..., H]: for checks only."""
-        return reference.project_logits(hidden, self.weight, self.bias, logit_scale=self.logit_scale,
-                                        softcap=self.softcap)
+        """The logits [..., V] of hidden [..., H]: the projection in the weight's dtype, as the model's own head
+        computes it, then scale and softcap in fp32 (fp64 for an fp64 head)."""
+        z = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
+
+    def loss_arguments(self, role: str) -> dict:
+        """The keyword arguments of fused_linear_distillation_loss that describe this head, for role "student"
+        or "teacher" (its hidden states are passed beside them)."""
+        return {f"{role}_weight": self.weight, f"{role}_bias": self.bias,
+                f"{role}_logit_scale": self.logit_scale, f"{role}_softcap": self.softcap}
 
 
 def lm_head(model, name: str = "model") -> LMHead:
     """The LM head of a causal LM (its output embedding and its config's logit scale and final softcap).
-    Raises ValueError naming `name` if it has no output embedding or a scale is not a number."""
+    Raises ValueError naming `name` if it has no output embedding, naming the config key if a scale is not a
+    number or the config has a key of UNFUSABLE."""
+    config = model.config.get_text_config()
+    for key, why in UNFUSABLE.items():
+        if getattr(config, key, None) is not None:
+            raise ValueError(f"{name}: config.{key} = {getattr(config, key)!r}: its LM head is not a linear map "
+                             f"with a logit scale and softcap ({why}); trd_fast cannot fuse it")
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{name}: get_output_embeddings() gives no LM head with a weight ({type(head).__name__})")
-    config = model.config.get_text_config()
     scale = 1.0
     for key in MULTIPLIERS:
         if getattr(config, key, None) is not None:
@@ -71,9 +90,10 @@ def final_hidden_states(model, inputs: dict, wrapper=None) -> torch.Tensor:
     return wrapper(**inputs, logits_to_keep=no_position, output_hidden_states=True).hidden_states[-1]
 
 
-def check_lm_head(model, head: LMHead, inputs: dict, name: str = "model") -> None:
-    """ValueError naming `name` unless the model's own logits on the first sequence of `inputs` are the ones
-    `head` implies from its final hidden states (within 1% of the largest logit: the model may round them)."""
+def check_lm_head(model, head: LMHead, inputs: dict, name: str = "model", remedy: str = "") -> None:
+    """ValueError naming `name` (and ending with `remedy`) unless the model's own logits on the first sequence of
+    `inputs` are the ones `head` implies from its final hidden states (within 1% of the largest logit: the model
+    may round them)."""
     first = {key: value[:1] if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
     training = model.training
     model.eval()  # no dropout: the two forwards must see the same network
@@ -91,7 +111,7 @@ def check_lm_head(model, head: LMHead, inputs: dict, name: str = "model") -> Non
         raise ValueError(f"{name}: its logits differ from c tanh(a (h W^T + b) / c) by up to {error:.3g} (largest "
                          f"logit {size:.3g}) with the LM head read from get_output_embeddings() and the config "
                          f"(a = {head.logit_scale}, c = {head.softcap}): its architecture transforms its logits "
-                         f"in a way trd_fast does not read; train on logits instead (fused_linear=False)")
+                         f"in a way trd_fast does not read" + (f"; {remedy}" if remedy else ""))
 
 
 def _number(name: str, key: str, value) -> float:
