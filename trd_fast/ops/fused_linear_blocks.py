@@ -24,7 +24,7 @@ import torch
 
 from trd_fast.ops.opset import OpSet
 
-# Bytes of tiles one block may use, per device type; R = budget // (bytes per row), at least 1.
+# Bytes of tiles one block may use, per device type (Problem.row_block turns it into R rows).
 TILE_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
 DEFAULT_TILE_BUDGET = 256 << 20
 REDUCED = (torch.bfloat16, torch.float16)
