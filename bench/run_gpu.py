@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(json_path, out / json_path.name)
-        (out / "summary.md").write_text(summary)
+        (out / "summary.md").write_text(summary, encoding="utf-8")
     print(f"wrote {json_path} in {document['settings']['wall_s']:.0f} s")
     return 0
 

@@ -10,9 +10,11 @@ import torch
 
 from gpu_compile import Case
 
+from trd_fast.constants import DIVERGENCES, JSD
+
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 NAMES = {F32: "fp32", BF16: "bf16", F16: "fp16", F64: "fp64"}
-KINDS = {0: "forward_kl", 1: "reverse_kl", 2: "jsd"}
+KINDS = dict(enumerate(DIVERGENCES))  # kernel code -> divergence
 # (student, teacher) dtype pairs the ops pass to the divergence kernels (fp64 only in pairs, see ops/distillation)
 PAIRS = ((F32, F32), (BF16, BF16), (F16, F16), (F64, F64), (BF16, F32))
 V = 151936  # columns per row
@@ -40,12 +42,13 @@ def divergence_cases(backward: bool) -> list:
         for kind, name in KINDS.items():
             args = dict(student_ptr=ptr(student), teacher_ptr=ptr(teacher), value_ptr=ptr(F32),
                         stats_ptr=ptr(stats_dtype(student, teacher)),
-                        L=LONG_ROWS if mixed else SHORT_ROWS, **row_strides("s_student", mixed),
+                        L_student=LONG_ROWS if mixed else SHORT_ROWS, L_teacher=LONG_ROWS if mixed else SHORT_ROWS,
+                        **row_strides("s_student", mixed),
                         **row_strides("s_teacher", mixed), V_common=V, inv_temperature_hi=1 / 0.7,
                         inv_temperature_lo=1e-9, beta_hi=0.3, beta_lo=1e-9, KIND=kind, FP64=student == F64)
             if backward:
                 args.update(grad_ptr=ptr(F32), out_ptr=ptr(student), **row_strides("s_out", mixed), V_student=V)
-            heaviest = kind == 2 and student in (F32, F64)  # jsd: two sweeps (forward), log M per column
+            heaviest = kind == JSD and student in (F32, F64)  # jsd: two sweeps (forward), log M per column
             cases.append(Case(f"{name} {NAMES[student]}/{NAMES[teacher]}", args, every_config=heaviest))
     return cases
 

@@ -17,7 +17,9 @@ import torch  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 from trl.experimental.gold import GOLDTrainer  # noqa: E402
 
-from tiny_chat import chat_dataset, record_losses, tiny_lm, tiny_tokenizer  # noqa: E402
+from tiny_chat import chat_dataset, tiny_lm, tiny_tokenizer  # noqa: E402
+
+from bench.harness import record_losses  # noqa: E402
 from trd_fast.integrations import gkd_loss  # noqa: E402
 from trd_fast.integrations import generalized_jsd_loss, is_patched, patch_trl, unpatch_trl  # noqa: E402
 

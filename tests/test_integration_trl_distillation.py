@@ -10,7 +10,9 @@ import itertools
 import pytest
 import torch
 
-from tiny_chat import chat_dataset, record_losses, tiny_lm, tiny_tokenizer
+from tiny_chat import chat_dataset, tiny_lm, tiny_tokenizer
+
+from bench.harness import record_losses
 from trd_fast.integrations import chunked_divergence, chunked_divergence_loss, is_patched, patch_trl, unpatch_trl
 
 try:

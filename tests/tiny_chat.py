@@ -41,16 +41,3 @@ def chat_dataset(n=8, seed=0, prompts_only=False):
         return Dataset.from_list([{"prompt": [{"role": "user", "content": text(2, 6)}]} for _ in range(n)])
     return Dataset.from_list([{"messages": [{"role": "user", "content": text(2, 6)},
                                             {"role": "assistant", "content": text(2, 8)}]} for _ in range(n)])
-
-
-def record_losses(trainer) -> list:
-    """The loss of every compute_loss call of `trainer` from now on, appended to the returned list."""
-    losses = []
-    compute_loss = trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        losses.append(float(loss.detach()))
-        return loss
-    trainer.compute_loss = recording
-    return losses

@@ -28,14 +28,13 @@ import torch
 import transformers
 from transformers.modeling_outputs import BaseModelOutput
 
+from trd_fast.constants import IGNORE_INDEX
 from trd_fast.dependencies import check_version
 from trd_fast.integrations.lm_head import check_lm_head, final_hidden_states, lm_head
 from trd_fast.losses import DistillationLoss
 from trd_fast.ops import fused_linear_distillation_loss
 
 check_version("transformers", transformers.__version__, "trd_fast.integrations.hf")
-
-IGNORE_INDEX = -100
 
 
 class DistillTrainer(transformers.Trainer):

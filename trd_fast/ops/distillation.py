@@ -6,10 +6,9 @@ import torch
 
 from trd_fast import reference
 from trd_fast.ops import checks
-from trd_fast.ops.backend import resolve
-from trd_fast.ops.dispatch import opset
 from trd_fast.ops.options import LossOptions
 from trd_fast.ops.reduction import reduce_values
+from trd_fast.ops.registry import opset, resolve
 from trd_fast.ops.rows import as_rows
 from trd_fast.ops.sparse_teacher import SparseTeacher
 
@@ -21,7 +20,7 @@ def distillation_loss(student_logits, teacher_logits, *, divergence="forward_kl"
 
     student_logits [..., V_s] (gradient flows here), teacher_logits [..., V_t] or a SparseTeacher (no
     gradient). Returns the loss, or (loss, per_token [...] fp32) with return_per_token=True. See
-    DESIGN.md for the contract: common vocabulary, -inf handling, clip -> weight -> reduction order.
+    docs/design.md for the contract: common vocabulary, -inf handling, clip -> weight -> reduction order.
     """
     options = LossOptions(divergence, beta, temperature, top_k, clip, reduction)
     _check(student_logits, teacher_logits, options, weight, normalizer, return_per_token, inplace_backward)
@@ -110,6 +109,8 @@ def check_reduction_arguments(options: LossOptions, weight, normalizer, student,
         if isinstance(normalizer, torch.Tensor):
             if normalizer.dim() != 0 or normalizer.is_complex():
                 raise ValueError(f"normalizer: expected a float or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+            if checks.values_checkable(normalizer) and bool(normalizer.isnan()):
+                raise ValueError("normalizer: expected a real number, got a NaN tensor")
         else:
             checks.real("normalizer", normalizer)
 

@@ -8,11 +8,10 @@ import torch
 
 from trd_fast import reference
 from trd_fast.ops import checks
-from trd_fast.ops.backend import resolve
 from trd_fast.ops.distillation import check_reduction_arguments, check_sparse_teacher, distillation_loss
-from trd_fast.ops import fused_linear_ops  # noqa: F401  (defines the trd_fast::fused_linear_* ops)
 from trd_fast.ops.options import LossOptions
 from trd_fast.ops.reduction import reduce_values
+from trd_fast.ops.registry import resolve
 from trd_fast.ops.sparse_teacher import SparseTeacher
 
 
@@ -29,7 +28,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidde
     teacher_hidden [..., H_t] (same leading shape) and teacher_weight [V_t, H_t], or a SparseTeacher in place of
     teacher_hidden with teacher_weight None. Any float dtypes; the projections accumulate in fp32 (fp64 when an
     input is float64). Every other argument, the result (loss, or (loss, per_token [...] fp32)) and the
-    semantics are distillation_loss's (DESIGN.md, "Fused linear"). Gradients reach student_hidden,
+    semantics are distillation_loss's (docs/design.md, "Fused linear"). Gradients reach student_hidden,
     student_weight and student_bias (in their dtypes), never the teacher. Memory beyond the inputs, the
     gradients and O(N) row statistics does not grow with N: the logits exist one row block at a time.
     Raises ValueError naming the argument for a bad shape, dtype, device, scale, softcap or option.

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from trd_fast.ops.opset import OpSet
+from trd_fast.ops.registry import OpSet
 
 # Bytes of tiles one block may use, per device type (Problem.row_block turns it into R rows).
 TILE_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}

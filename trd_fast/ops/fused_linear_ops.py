@@ -11,8 +11,8 @@ Every op takes the same description of the problem (PROBLEM): the student head (
 SparseTeacher's ids and log-probs [N, k], the logit scales and softcaps, the divergence kernel code, beta,
 temperature, top_k (already clamped to the common vocabulary) and the kernel backend ("cpp" | "triton"). A
 gradient not wanted comes back as an empty tensor; gradients are in the compute dtype (fp32, fp64 for float64
-inputs). The ops are defined with torch.library.define (no import of torch._dynamo on the first call); the
-fakes give shapes for torch.compile and opcheck.
+inputs). registry.register() defines the ops (define() below: torch.library.define, so no import of
+torch._dynamo on the first call); the fakes give shapes for torch.compile and opcheck.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trd_fast.ops.dispatch import opset
 from trd_fast.ops.fused_linear_blocks import DEFAULT_TILE_BUDGET, TILE_BUDGET_BYTES, Engine, Gradients, Head, \
     Problem, Saved
 from trd_fast.ops.reduction import mean_normalizer, mean_scale, reduce_values, reduction_gradient
+from trd_fast.ops.registry import opset
 from trd_fast.reference import compute_dtype
 
 PROBLEM = ("Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor? teacher_hidden, "
@@ -32,14 +32,13 @@ PROBLEM = ("Tensor student_hidden, Tensor student_weight, Tensor? student_bias, 
            "float beta, float temperature, int? top_k, str backend")
 PROBLEM_ARGS = PROBLEM.count(",") + 1
 SAVED = "Tensor values, Tensor stats, Tensor support_ids, Tensor support_teacher"
-
-LIBRARY = torch.library.Library("trd_fast", "FRAGMENT")
-LIBRARY.define(f"fused_linear_loss({PROBLEM}, Tensor? weight, Tensor? normalizer, float? clip, str reduction, "
-               "bool[] wanted) -> (Tensor loss, Tensor values, Tensor grad_hidden, Tensor grad_weight, "
-               "Tensor grad_bias)")
-LIBRARY.define(f"fused_linear_values({PROBLEM}) -> ({SAVED})")
-LIBRARY.define(f"fused_linear_values_backward(Tensor grad_values, {SAVED}, {PROBLEM}, bool[] wanted) -> "
-               "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)")
+SCHEMAS = {
+    "fused_linear_loss": f"({PROBLEM}, Tensor? weight, Tensor? normalizer, float? clip, str reduction, bool[] wanted) "
+                         "-> (Tensor loss, Tensor values, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+    "fused_linear_values": f"({PROBLEM}) -> ({SAVED})",
+    "fused_linear_values_backward": f"(Tensor grad_values, {SAVED}, {PROBLEM}, bool[] wanted) -> "
+                                    "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+}
 
 
 def _problem(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -69,7 +68,6 @@ def _outputs(grads: Gradients, like: Tensor):
 
 # ------------------------------------------------------------------------------------------------ the scalar loss
 
-@torch.library.impl(LIBRARY, "fused_linear_loss", "CompositeExplicitAutograd")
 def fused_linear_loss(*args):
     """(loss [] fp32, values [N] fp32, d loss / d student_hidden [N, H_s], d / d student_weight [V_s, H_s],
     d / d student_bias [V_s]) for an upstream gradient of 1, each gradient empty where not wanted."""
@@ -90,8 +88,7 @@ def fused_linear_loss(*args):
     return (loss, saved.values, *_outputs(grads, hidden))
 
 
-@torch.library.register_fake("trd_fast::fused_linear_loss", lib=LIBRARY)
-def _(*args):
+def _fake_loss(*args):
     hidden, wanted = args[0], args[-1]
     grads = _fake_gradients(args, wanted)
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[:1], dtype=torch.float32),
@@ -127,12 +124,9 @@ def _loss_backward(ctx, grad_loss, grad_values, *_):
     return (*grads, *([None] * (PROBLEM_ARGS + 5 - 3)))
 
 
-torch.library.register_autograd("trd_fast::fused_linear_loss", _loss_backward, setup_context=_loss_setup)
-
 
 # ------------------------------------------------------------------------------------------------ per-row values
 
-@torch.library.impl(LIBRARY, "fused_linear_values", "CompositeExplicitAutograd")
 def fused_linear_values(*problem):
     """(values [N] fp32, row statistics [N, 3], support ids [N, k] int64 and the teacher's logits there [N, k];
     k = 0 for the dense common columns)."""
@@ -140,8 +134,7 @@ def fused_linear_values(*problem):
     return saved.values, saved.stats, saved.ids, saved.teacher
 
 
-@torch.library.register_fake("trd_fast::fused_linear_values", lib=LIBRARY)
-def _(*problem):
+def _fake_values(*problem):
     hidden, sparse_ids, top_k = problem[0], problem[6], problem[15]
     dtype = _fake_dtype(problem)
     n = hidden.shape[0]
@@ -150,7 +143,6 @@ def _(*problem):
             hidden.new_empty((n, k), dtype=torch.int64), hidden.new_empty((n, k), dtype=dtype))
 
 
-@torch.library.impl(LIBRARY, "fused_linear_values_backward", "CompositeExplicitAutograd")
 def fused_linear_values_backward(grad_values, values, stats, support_ids, support_teacher, *args):
     """The student's gradients for grad_values [N] (each empty where not wanted)."""
     problem, wanted = _problem(*args[:PROBLEM_ARGS]), args[PROBLEM_ARGS]
@@ -160,8 +152,7 @@ def fused_linear_values_backward(grad_values, values, stats, support_ids, suppor
     return _outputs(grads, problem.student.hidden)
 
 
-@torch.library.register_fake("trd_fast::fused_linear_values_backward", lib=LIBRARY)
-def _(grad_values, values, stats, support_ids, support_teacher, *args):
+def _fake_values_backward(grad_values, values, stats, support_ids, support_teacher, *args):
     return _fake_gradients(args[:PROBLEM_ARGS], args[PROBLEM_ARGS])
 
 
@@ -183,8 +174,6 @@ def _values_backward(ctx, grad_values, *_):
             *([None] * (PROBLEM_ARGS - 3)))
 
 
-torch.library.register_autograd("trd_fast::fused_linear_values", _values_backward, setup_context=_values_setup)
-
 
 # ------------------------------------------------------------------------------------------------ fakes
 
@@ -200,3 +189,21 @@ def _fake_gradients(problem, wanted):
     return (hidden.new_empty(hidden.shape, dtype=dtype) if wanted[0] else empty,
             weight.new_empty(weight.shape, dtype=dtype) if wanted[1] else empty,
             weight.new_empty(weight.shape[:1], dtype=dtype) if wanted[2] and bias is not None else empty)
+
+
+# ------------------------------------------------------------------------------------------------ definition
+
+def define(library: torch.library.Library) -> None:
+    """Defines the trd_fast::fused_linear_* ops in `library` (a "trd_fast" fragment the caller keeps alive):
+    schemas, implementations, fakes and autograd. Called once, by registry.register()."""
+    for name, implementation, fake in (("fused_linear_loss", fused_linear_loss, _fake_loss),
+                                       ("fused_linear_values", fused_linear_values, _fake_values),
+                                       ("fused_linear_values_backward", fused_linear_values_backward,
+                                        _fake_values_backward)):
+        library.define(name + SCHEMAS[name])
+        library.impl(name, implementation, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"trd_fast::{name}", fake, lib=library)
+    torch.library.register_autograd("trd_fast::fused_linear_loss", _loss_backward, setup_context=_loss_setup,
+                                    lib=library)
+    torch.library.register_autograd("trd_fast::fused_linear_values", _values_backward,
+                                    setup_context=_values_setup, lib=library)
