@@ -215,3 +215,31 @@ def test_lora_on_the_lm_head_is_refused(pairs, tmp_path):
     config = make_config(pairs, tmp_path, model={"lora_rank": 2, "lora_targets": ["q_proj", "lm_head"]})
     with pytest.raises(ValueError, match="model.lora_targets: 'lm_head' is the LM head"):
         build_engine(config)
+
+
+def test_a_small_budget_splits_the_step_without_changing_it(pairs, tmp_path, monkeypatch):
+    import trd_fast.trainer.train.step as step
+
+    config = make_config(pairs, tmp_path, distill={"mode": "trd"})
+    task = JsonlTask(config.data)
+    engine = build_engine(config)
+    _, batch = batch_of(config, task, engine, 4, seed=3)
+    model = engine.student_model
+    lengths = [len(x) + len(y) for x, y in zip(batch.contexts, batch.completions)]
+    assert step.pieces(lengths, 1, 10**9) == [(0, 4)] and step.pieces(lengths, 2, 10**9) == [(0, 2), (2, 4)]
+    assert step.pieces(lengths, 1, 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    results, grads, forwards = [], [], []
+    real = step.packed_hidden
+    monkeypatch.setattr(step, "packed_hidden", lambda *a: forwards.append(1) or real(*a))
+    for budget in (1 << 30, step.activation_bytes(model) * (max(lengths) + 1)):  # everything / one row a piece
+        model.zero_grad(set_to_none=True)
+        forwards.clear()
+        results.append(train_on(model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
+                                student_head=engine.student_head, teacher_head=engine.teacher_head,
+                                budget_bytes=budget))
+        grads.append(gradients(model))
+        assert len(forwards) == (1 if budget == 1 << 30 else 4)
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
+    assert results[0].entropy == pytest.approx(results[1].entropy, rel=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)

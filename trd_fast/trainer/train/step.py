@@ -37,6 +37,36 @@ def loss_spec(d: DistillConfig) -> LossSpec:
             "jsd": LossSpec("jsd", d.jsd_beta, None, None)}[d.opd_loss]
 
 
+# Values of the hidden width a decoder layer keeps per token for its backward (norms, q/k/v, attention output,
+# residuals, the MLP's gate/up/activation at about 3x the width): an estimate, for splitting a step by bytes.
+ACTIVATION_VALUES_PER_LAYER = 24
+
+
+def activation_bytes(model) -> int:
+    """Estimated bytes of activations the training forward keeps per token (ACTIVATION_VALUES_PER_LAYER)."""
+    config = model.config.get_text_config()
+    size = next(model.parameters()).element_size()
+    return max(1, config.hidden_size * config.num_hidden_layers * ACTIVATION_VALUES_PER_LAYER * size)
+
+
+def pieces(lengths: list[int], micro_batches: int, tokens: int) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi): the rows split into `micro_batches` equal pieces, each cut further so that its rows
+    hold at most `tokens` tokens (lengths: tokens per row; a row longer than that is a piece alone)."""
+    rows = len(lengths)
+    bounds = [round(i * rows / micro_batches) for i in range(micro_batches + 1)]
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        start, held = lo, 0
+        for row in range(lo, hi):
+            if row > start and held + lengths[row] > tokens:
+                out.append((start, row))
+                start, held = row, 0
+            held += lengths[row]
+        if hi > start:
+            out.append((start, hi))
+    return out
+
+
 @dataclass
 class StepResult:
     loss: float              # the global batch's loss
@@ -53,18 +83,17 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
 
     student_head: the LM head of `model` (its weight a parameter of the model, so it trains); teacher_head: the
     head of the teacher whose hidden states batch.targets holds (unused for top-k targets). The metrics form
-    logits in row blocks of at most `budget_bytes`."""
+    logits in row blocks of at most `budget_bytes`, and each of the `micro_batches` pieces is split further so
+    that its estimated activations (activation_bytes) fit `budget_bytes` (one row at least): gradient
+    accumulation with the normalizer fixed makes the split change nothing but the peak memory."""
     spec = loss_spec(d)
     device = next(model.parameters()).device
     total = sum(len(y) for y in batch.completions)
     normalizer = torch.tensor(float(max(total, 1)), device=device)
-    rows = len(batch.completions)
-    bounds = [round(i * rows / micro_batches) for i in range(micro_batches + 1)]
+    lengths = [len(x) + len(y) for x, y in zip(batch.contexts, batch.completions)]
     loss_sum = divergence_sum = entropy_sum = mass_sum = 0.0
     sparse = False
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if lo == hi:
-            continue
+    for lo, hi in pieces(lengths, micro_batches, budget_bytes // activation_bytes(model)):
         sequences = [torch.cat([x.to(device), y.to(device)])
                      for x, y in zip(batch.contexts[lo:hi], batch.completions[lo:hi])]
         keep = [torch.arange(len(x) - 1, len(x) + len(y) - 1)
