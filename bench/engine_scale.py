@@ -85,11 +85,12 @@ def one_step(student: str, teacher: str, mode: str, prompts: int, tokens: int, o
         return batch, times
 
     loop.build_batch = recording
-    before = resident_bytes()
+    before, cpu = resident_bytes(), cpu_seconds()
     started = time.perf_counter()
     record = loop.train(config, ChainTask(), engine)[-1]
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_before_step_bytes": before, "process_s": time.perf_counter() - started,
+            "process_cpu_s": cpu_seconds() - cpu,
             "teacher_target_bytes": targets["bytes"], "teacher_target_kind": targets["kind"],
             "trained_tokens": record["trained_tokens"], "sparse_targets": record["sparse_targets"],
             **{k: record[k] for k in PHASES}}
@@ -103,6 +104,12 @@ def storage_bytes(targets) -> int:
             storage = tensor.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads): less skewed than wall clock by other work."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def resident_bytes() -> int:
@@ -131,6 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="4 prompts x 16 tokens, JSON to the temp dir")
     parser.add_argument("--before-code", type=Path, help="a checkout of the dense-logits engine (see above)")
+    parser.add_argument("--size", choices=("all", "side-by-side", "full"), default="all",
+                        help="the sizes to run; the JSON keeps the rows of the other sizes it already holds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -140,8 +149,12 @@ def main() -> None:
 
     from bench import harness
 
-    sizes = [SMOKE] if args.smoke else [SIDE_BY_SIDE, FULL]
-    rows = []
+    sizes = [SMOKE] if args.smoke else {"all": [SIDE_BY_SIDE, FULL], "side-by-side": [SIDE_BY_SIDE],
+                                        "full": [FULL]}[args.size]
+    path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / \
+        "engine-scale-cpu.json"
+    rows = [r for r in json.loads(path.read_text())["rows"] if (r["prompts"], r["max_new_tokens"]) not in sizes] \
+        if path.is_file() and not args.smoke else []
     with tempfile.TemporaryDirectory() as root:
         models = make_models(Path(root))
         for size in sizes:
@@ -159,8 +172,6 @@ def main() -> None:
                                                     "it forms several (teacher targets, scoring, student logits "
                                                     "and their gradient), beyond this 24 GiB machine"},
                 "rows": rows, "checks": checks(rows)}
-    path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / \
-        "engine-scale-cpu.json"
     harness.write_json(path, document)
     for name, value in document["checks"].items():
         print(f"{name}: {value}")

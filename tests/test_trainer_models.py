@@ -1,4 +1,5 @@
-"""Loading student and teacher directories, tokenizer agreement, and the student's packed training forward (hidden states)."""
+"""Loading student and teacher directories, tokenizer agreement, and the student's packed training forward
+(hidden states)."""
 
 from __future__ import annotations
 

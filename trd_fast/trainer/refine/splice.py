@@ -57,9 +57,10 @@ def splice(teacher: Runner, contexts: Sequence[Tensor], rollout: Rollout, signal
            progress: str | None = None, draft: DraftConfig | None = None) -> Splice:
     """Score each rollout row with the teacher after its own context, find k = prefix_scan(signal).first, and
     let the teacher continue the failed rows from k (targets: kept from its scoring forwards for positions < k,
-    from its generating forwards after). With `chunk`, y_o is scored `chunk` tokens at a time on the KV cache and a row stops being
-    scored once its failure point is found; None scores everything in one pass. With `draft` (tokens > 0) the
-    continuation verifies drafts from y_o: the same tokens when greedy, the same distribution when sampled."""
+    from its generating forwards after). With `chunk`, y_o is scored `chunk` tokens at a time on the KV cache
+    and a row stops being scored once its failure point is found; None scores everything in one pass. With
+    `draft` (tokens > 0) the continuation verifies drafts from y_o: the same tokens when greedy, the same
+    distribution when sampled."""
     contexts = teacher.inputs(contexts)
     if len(contexts) != len(rollout.tokens):
         raise ValueError(f"contexts: {len(contexts)} rows for a rollout of {len(rollout.tokens)}")

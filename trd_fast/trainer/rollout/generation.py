@@ -142,8 +142,9 @@ class Runner:
         tokens, for the ledger). Heads are right-aligned (left padding) and tails left-aligned after them (right
         padding), so tail positions line up across rows: with H the longest head, slot H - 1 + j predicts tail
         token j of every row. Returns the final hidden states of the last `keep` slots [B, keep, H] (the model's
-        dtype; self.head.logits gives their logits) and the batch with the new tokens cached (None without use_cache). With `draft` the tails are draft tokens to verify
-        (counted as draft_tokens) and heads fed after a cached `state` are generated tokens (decode_tokens)."""
+        dtype; self.head.logits gives their logits) and the batch with the new tokens cached (None without
+        use_cache). With `draft` the tails are draft tokens to verify (counted as draft_tokens) and heads fed
+        after a cached `state` are generated tokens (decode_tokens)."""
         tails = tails if tails is not None else [heads[0].new_zeros(0)] * len(heads)
         head_lengths, tail_lengths = [h.shape[0] for h in heads], [t.shape[0] for t in tails]
         head_width = max(head_lengths)
