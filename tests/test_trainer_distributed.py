@@ -277,3 +277,10 @@ def test_a_rank_that_raises_ends_the_run_naming_rank_and_error(models, tmp_path)
     assert run.returncode != 0
     assert time.perf_counter() - started < 90
     assert "rank 1: RuntimeError: injected fault in rank 1's rollout" in run.stderr
+
+
+def test_gpu_check_script_parses_with_its_torchrun_step():
+    script = REPOSITORY / "bench" / "gpu_check.sh"
+    assert "torch.distributed.run --standalone --nproc_per_node=1" in script.read_text()
+    checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
