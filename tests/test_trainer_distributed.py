@@ -110,10 +110,44 @@ class Writes:
 
 
 def train_recording_writes(rank: int, raw: dict) -> dict:
+    """Train, recording the files this rank writes, and per step the all-gathers and forwards of the rollout phase
+    (student rollout and teacher refinement, with the models unsharded) beside the FSDP parameter groups it holds."""
+    from contextlib import contextmanager
+
+    import torch.distributed as dist
+
+    from trd_fast.trainer.run.sharding import fsdp_modules
+
+    real_gather, real_unsharded, real_build = dist.all_gather_single, loop.unsharded, loop.build_batch
+    phases: list[dict] = []
+    inside = []
+
+    def counted_gather(*args, **kwargs):
+        if inside:
+            phases[-1]["gathers"] += 1
+        return real_gather(*args, **kwargs)
+
+    @contextmanager
+    def counted_unsharded(*models):
+        phases.append({"gathers": 0, "groups": sum(len(fsdp_modules(m)) for m in models), "forwards": 0})
+        inside.append(True)
+        try:
+            with real_unsharded(*models):
+                yield
+        finally:
+            inside.clear()
+
+    def counted_build(request):
+        try:
+            return real_build(request)
+        finally:
+            phases[-1]["forwards"] = request.student.counters.forwards + request.teacher.counters.forwards
+
+    dist.all_gather_single, loop.unsharded, loop.build_batch = counted_gather, counted_unsharded, counted_build
     config = from_dict(raw)
     with Writes() as writes:
         records = loop.train(config, JsonlTask(config.data))
-    return {"records": records, "writes": writes.paths}
+    return {"records": records, "writes": writes.paths, "phases": phases}
 
 
 def interrupted_while_checkpointing(rank: int, raw: dict) -> dict:
@@ -179,15 +213,23 @@ def assert_same_run(records: list[dict], reference: list[dict], student: Path, r
         torch.testing.assert_close(weights[name], expected[name], rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_two_ranks_of_four_rows_equal_one_process_of_eight(models, tmp_path, mode):
-    whole = raw_config(models, tmp_path / "one", distill={"mode": mode})
-    reference = single_process(whole)
-    raw = raw_config(models, tmp_path / "two", distill={"mode": mode})
+@pytest.mark.parametrize("mode, teacher", [("opd", "replicate"), ("trd", "shard"), ("trd_splice", "replicate")])
+def test_two_ranks_of_four_rows_equal_one_process_of_eight(models, tmp_path, mode, teacher):
+    settings = dict(distill={"mode": mode}, run={"eval_every": 3})
+    reference = single_process(raw_config(models, tmp_path / "one", **settings))
+    raw = raw_config(models, tmp_path / "two", model={"teacher_placement": teacher}, **settings)
     spawn("train_recording_writes", raw, tmp_path / "report")
     seen = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in range(RANKS)]
     assert seen[1]["records"] == []
     assert_same_run(seen[0]["records"], reference, tmp_path / "two" / "student", tmp_path / "one" / "student")
+    assert seen[0]["records"][-1]["eval_accuracy"] == reference[-1]["eval_accuracy"]
+    # Generation gathers each sharded model once per rollout phase (3 steps, then the evaluation), not per forward.
+    groups = 3 + (3 if teacher == "shard" else 0)  # 2 decoder layers + the root, per sharded model
+    for report in seen:
+        rollouts = report["phases"][:3]
+        assert [p["groups"] for p in rollouts] == [groups] * 3
+        assert [p["gathers"] for p in rollouts] == [groups] * 3
+        assert all(p["forwards"] >= 4 for p in rollouts)  # gathering per forward would have made more gathers
     # Only rank 0 writes files: rank 1 writes nothing but its own shard of each checkpoint.
     written = [Path(p) for p in seen[0]["writes"]]
     assert tmp_path / "two" / "metrics.jsonl" in written and any(p.name == ".metadata" for p in written)
