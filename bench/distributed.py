@@ -6,8 +6,11 @@ the student's parameters and optimizer state each rank holds (sharded by FSDP2 u
 
 Three runs of the same training (trd, the shipped student and teacher, one thread per process, the same global
 batch): a plain process (no launcher), torchrun with 1 process (FSDP2 over one rank) and torchrun with 2 processes
-(each rank rolls out, refines and trains half the batch). Step times are medians over the steps after the first;
-peak memory is each process's peak resident set (ru_maxrss: the Python runtime, torch and transformers included).
+(each rank rolls out, refines and trains half the batch). The runs are repeated in turn (plain, 1, 2, plain, ...)
+so that a change in the machine's load falls on all of them; step times are medians over every repeat's steps after
+its first, beside each rank's CPU seconds per step (all its threads: a measure of its work that the load of
+other jobs on the machine does not inflate the way it does wall time). Peak memory is each process's peak resident set (ru_maxrss: the Python runtime, torch and transformers
+included), the largest over the repeats.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +64,15 @@ def worker(out: Path, steps: int, batch_size: int) -> None:
             optimizers.append(self)
 
     torch.optim.AdamW = RecordedAdamW
+    real_step, cpu_seconds = loop._one_step, []
+
+    def timed_step(*args):
+        began = time.process_time()
+        record = real_step(*args)
+        cpu_seconds.append(time.process_time() - began)
+        return record
+
+    loop._one_step = timed_step
     config = worker_config(out, steps, batch_size)
     engine = build_engine(config)
     records = loop.train(config, ChainTask(), engine)
@@ -73,11 +86,13 @@ def worker(out: Path, steps: int, batch_size: int) -> None:
                     if isinstance(v, torch.Tensor))
     rank = int(os.environ.get("RANK", 0))
     report = {"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "parameter_bytes": parameters, "optimizer_bytes": optimizer, "records": records}
+              "parameter_bytes": parameters, "optimizer_bytes": optimizer, "records": records,
+              "cpu_s_per_step": cpu_seconds}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def measure(name: str, processes: int, steps: int, batch_size: int) -> dict:
+def launch(processes: int, steps: int, batch_size: int) -> list[dict]:
+    """One run of `processes` ranks (0: a plain process); every rank's report."""
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory)
         arguments = ["-m", "bench.distributed", "--worker", str(out), "--steps", str(steps),
@@ -86,18 +101,23 @@ def measure(name: str, processes: int, steps: int, batch_size: int) -> dict:
                     [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([*launcher, *arguments], check=True, env=env, cwd=Path(__file__).parents[1])
-        ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    records = ranks[0]["records"]
-    later = records[1:] or records
-    return {"run": name, "processes": max(processes, 1), "global_batch": batch_size, "steps": steps,
-            "step_s_median": statistics.median(r["step_s"] for r in later),
-            "step_s_first": records[0]["step_s"],
-            "rollout_s_median": statistics.median(r["rollout_s"] for r in later),
-            "refine_s_median": statistics.median(r["refine_s"] for r in later),
-            "train_s_median": statistics.median(r["train_s"] for r in later),
+        return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def summarize(name: str, processes: int, repeats: list[list[dict]]) -> dict:
+    """The row of one run from its repeats (each: every rank's report)."""
+    later = [r for ranks in repeats for r in ranks[0]["records"][1:]]
+    records = repeats[0][0]["records"]
+    return {"run": name, "processes": max(processes, 1), "repeats": len(repeats),
+            **{f"{k}_median": statistics.median(r[k] for r in later)
+               for k in ("step_s", "rollout_s", "refine_s", "train_s")},
+            "step_s_first": [ranks[0]["records"][0]["step_s"] for ranks in repeats],
             "losses": [r["loss"] for r in records],
-            "per_rank": [{k: r[k] for k in ("rank", "peak_rss_mib", "parameter_bytes", "optimizer_bytes")}
-                         for r in ranks]}
+            "per_rank": [{"rank": rank, "peak_rss_mib": max(ranks[rank]["peak_rss_mib"] for ranks in repeats),
+                          "cpu_s_per_step_median": statistics.median(
+                              s for ranks in repeats for s in ranks[rank]["cpu_s_per_step"][1:]),
+                          **{k: repeats[0][rank][k] for k in ("parameter_bytes", "optimizer_bytes")}}
+                         for rank in range(len(repeats[0]))]}
 
 
 def main() -> None:
@@ -105,20 +125,27 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="2 steps of batch 4, JSON to the temp dir")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.steps, args.batch_size)
         return
-    steps, batch = (2, 4) if args.smoke else (args.steps, args.batch_size)
-    rows = [measure(name, processes, steps, batch) for name, processes in RUNS]
+    steps, batch, repeats = (2, 4, 1) if args.smoke else (args.steps, args.batch_size, args.repeats)
+    machine = harness.machine("cpu")  # before the runs: its load average is the one they start under
+    reports: dict[str, list] = {name: [] for name, _ in RUNS}
+    for _ in range(repeats):
+        for name, processes in RUNS:
+            reports[name].append(launch(processes, steps, batch))
+    rows = [summarize(name, processes, reports[name]) for name, processes in RUNS]
     plain = rows[0]["per_rank"][0]
     document = {
-        "machine": harness.machine("cpu"),
+        "machine": machine,
         "setup": {"task": "chain", "mode": "trd", "models": "shipped teacher and student (trd_fast/tasks/checkpoints)",
-                  "global_batch": batch, "steps": steps, "dtype": "float32", "threads_per_process": 1,
+                  "global_batch": batch, "steps": steps, "repeats": repeats, "dtype": "float32", "threads_per_process": 1,
                   "backend": "gloo", "teacher_placement": "replicate", "max_new_tokens": 40,
                   "student_sampling_temperature": 1.0},
+        "loadavg_at_end": harness.loadavg(),
         "rows": rows,
         "sharded_state_saved_per_rank": {
             r["run"]: 1 - max(p["parameter_bytes"] + p["optimizer_bytes"] for p in r["per_rank"])
@@ -126,13 +153,14 @@ def main() -> None:
     }
     path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / "distributed-cpu.json"
     harness.write_json(path, document)
-    print("run | step s (median) | rollout s | refine s | train s | peak RSS MiB per rank | "
-          "parameter + optimizer KiB per rank")
+    print("run | step s (median) | rollout s | refine s | train s | CPU s per step per rank | "
+          "peak RSS MiB per rank | parameter + optimizer KiB per rank")
     for r in rows:
         memory = " / ".join(f"{p['peak_rss_mib']:.0f}" for p in r["per_rank"])
+        cpu = " / ".join(f"{p['cpu_s_per_step_median']:.3f}" for p in r["per_rank"])
         state = " / ".join(f"{(p['parameter_bytes'] + p['optimizer_bytes']) / 1024:.0f}" for p in r["per_rank"])
         print(f"{r['run']} | {r['step_s_median']:.3f} | {r['rollout_s_median']:.3f} | {r['refine_s_median']:.3f} | "
-              f"{r['train_s_median']:.3f} | {memory} | {state}")
+              f"{r['train_s_median']:.3f} | {cpu} | {memory} | {state}")
     print(f"written to {path}")
 
 

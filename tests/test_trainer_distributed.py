@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from tiny_models import make_pair, write_jsonl
+from test_trainer_engine import models  # noqa: F401  (the fixture: tiny student, teacher, data)
 from trd_fast import cli
 from trd_fast.tasks.jsonl import JsonlTask
 from trd_fast.trainer.run import loop
@@ -30,14 +30,6 @@ from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS
 MODES = ("opd", "trd", "trd_splice")
 RANKS = 2
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    student, teacher = make_pair(root)
-    data = write_jsonl(root / "train.jsonl", 32)
-    return {"student": str(student), "teacher": str(teacher), "data": str(data)}
 
 
 def raw_config(models, out, **sections) -> dict:

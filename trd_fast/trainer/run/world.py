@@ -95,7 +95,7 @@ def run_world(device: str, *, batch_size: int, micro_batches: int, timeout_s: fl
     except BaseException as error:
         if world.size > 1:
             print(f"rank {world.rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-            dist.distributed_c10d._get_default_group().abort()
+            dist.group.WORLD.abort()
             owned = False
         raise
     finally:
