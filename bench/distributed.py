@@ -7,10 +7,10 @@ the student's parameters and optimizer state each rank holds (sharded by FSDP2 u
 Three runs of the same training (trd, the shipped student and teacher, one thread per process, the same global
 batch): a plain process (no launcher), torchrun with 1 process (FSDP2 over one rank) and torchrun with 2 processes
 (each rank rolls out, refines and trains half the batch). The runs are repeated in turn (plain, 1, 2, plain, ...)
-so that a change in the machine's load falls on all of them; step times are medians over every repeat's steps after
-its first, beside each rank's CPU seconds per step (all its threads: a measure of its work that the load of
-other jobs on the machine does not inflate the way it does wall time). Peak memory is each process's peak resident set (ru_maxrss: the Python runtime, torch and transformers
-included), the largest over the repeats.
+so that a change in the machine's load falls on all of them. Step times are medians over every repeat's steps
+after its first, beside each rank's CPU seconds per step (all its threads: its work, which other jobs on the
+machine inflate less than wall time). Peak memory is each process's peak resident set (ru_maxrss: the Python
+runtime, torch and transformers included), the largest over the repeats.
 """
 
 from __future__ import annotations
