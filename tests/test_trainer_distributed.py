@@ -318,3 +318,27 @@ def test_gpu_check_script_parses_with_its_torchrun_step():
     assert "torch.distributed.run --standalone --nproc_per_node=1" in script.read_text()
     checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+def launcher_environment(monkeypatch, world_size: int) -> None:
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                            WORLD_SIZE=str(world_size), LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_stops_before_any_work(models, tmp_path, monkeypatch):
+    launcher_environment(monkeypatch, world_size=3)
+    config = from_dict(raw_config(models, tmp_path))  # 8 prompts over 3 processes
+    with pytest.raises(ValueError, match="optim.batch_size: 8 prompts must split evenly over 3 processes"):
+        loop.train(config, JsonlTask(config.data))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_lora_under_torchrun_is_refused_by_name(models, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    launcher_environment(monkeypatch, world_size=1)
+    config = from_dict(raw_config(models, tmp_path, model={"lora_rank": 4}))
+    with pytest.raises(ValueError, match="model.lora_rank: LoRA runs in a single process only"):
+        loop.train(config, JsonlTask(config.data))
+    assert not dist.is_initialized()  # the run took its process group down
