@@ -76,6 +76,9 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
             raise ValueError("config model.lora_rank: LoRA runs in a single process only (not under torchrun)")
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=str(world.device)),
                                      run=dataclasses.replace(config.run, progress=config.run.progress and world.main))
+        if not world.main:  # rank 0 alone shows progress, transformers' loading bars included
+            from transformers.utils import logging as transformers_logging
+            transformers_logging.disable_progress_bar()
     engine = engine or build_engine(config)
     if world.distributed:
         shard(engine.student_model, trains=True)
