@@ -188,6 +188,28 @@ def resumed_then_poisoned(rank: int, raw: dict) -> dict:
     return {"records": records, "nan_error": error}
 
 
+def stalled_rank(rank: int, raw: dict) -> dict:
+    """Rank 1 stalls (without raising) in step 2; rank 0 waits for it in a collective. Both then end: rank 0 by
+    the collective timeout (its report written, its error raised), rank 1 when the parent stops the others."""
+    real_step = loop._one_step
+
+    def stalling(config, task, engine, tokenize, examples, step, *rest):
+        if step == 1 and rank == 1:
+            time.sleep(120)
+        return real_step(config, task, engine, tokenize, examples, step, *rest)
+
+    loop._one_step = stalling
+    config = from_dict(raw)
+    started = time.perf_counter()
+    try:
+        loop.train(config, JsonlTask(config.data))
+    except Exception as error:
+        report = {"error": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - started}
+        Path(raw["run"]["output_dir"], "stalled.json").write_text(json.dumps(report))
+        raise
+    return {}
+
+
 def single_process(raw: dict) -> list[dict]:
     config = from_dict(raw)
     return loop.train(config, JsonlTask(config.data))
@@ -342,3 +364,14 @@ def test_lora_under_torchrun_is_refused_by_name(models, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="model.lora_rank: LoRA runs in a single process only"):
         loop.train(config, JsonlTask(config.data))
     assert not dist.is_initialized()  # the run took its process group down
+
+
+def test_a_stalled_rank_fails_the_run_at_the_collective_timeout(models, tmp_path):
+    raw = raw_config(models, tmp_path / "out", run={"collective_timeout_s": 5.0, "checkpoint_every": 0})
+    started = time.perf_counter()
+    with pytest.raises(mp.ProcessRaisedException):
+        spawn("stalled_rank", raw, tmp_path / "report")
+    assert time.perf_counter() - started < 60  # rank 1 sleeps 120 s: nobody waited for it
+    report = json.loads((tmp_path / "out" / "stalled.json").read_text())
+    assert "timed out" in report["error"].lower(), report["error"]
+    assert 5.0 <= report["seconds"] < 40  # step 1, then the 5 s wait in a collective
