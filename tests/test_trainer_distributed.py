@@ -1,7 +1,9 @@
 """The engine in two processes (torch.distributed, gloo on the CPU, FSDP2 students): 2 ranks x 4 rows give the loss
 curve and the final weights of 1 process x 8 rows in every mode, from the loop and from the command line; a run
 stopped while writing a checkpoint resumes from the previous one onto the uninterrupted curve; only rank 0 writes
-files; a non-finite loss on one rank stops both before the optimizer step; a rank that raises ends the run."""
+files; a non-finite loss on one rank stops both before the optimizer step; a rank that raises ends the run, and
+one that stalls fails it at the collective timeout. The 2-rank runs are forked processes with torchrun's
+environment; the command-line ones run under torchrun itself."""
 
 from __future__ import annotations
 
