@@ -32,6 +32,7 @@ from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS
 MODES = ("opd", "trd", "trd_splice")
 RANKS = 2
 REPOSITORY = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the torchrun command, from this interpreter
 
 
 def raw_config(models, out, **sections) -> dict:
@@ -287,8 +288,7 @@ def cli_arguments(models, out) -> list[str]:
 
 
 def test_torchrun_command_line_equals_trd_fast_train(models, tmp_path):
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    two = run_cli([torchrun, "--standalone", "--nproc_per_node=2", "-m", "trd_fast.cli", "train",
+    two = run_cli([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "trd_fast.cli", "train",
                    *cli_arguments(models, tmp_path / "two"), "--set", "optim.batch_size=8"], timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
     cli.main(["train", *cli_arguments(models, tmp_path / "one"), "--set", "optim.batch_size=8"])  # trd-fast train
@@ -328,9 +328,8 @@ cli.main(sys.argv[1:])
 def test_a_rank_that_raises_ends_the_run_naming_rank_and_error(models, tmp_path):
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY_RANK)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     started = time.perf_counter()
-    run = run_cli([torchrun, "--standalone", "--nproc_per_node=2", str(script), "train",
+    run = run_cli([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), "train",
                    *cli_arguments(models, tmp_path / "out"), "--set", "run.collective_timeout_s=30"], timeout=100)
     assert run.returncode != 0
     assert time.perf_counter() - started < 90
