@@ -99,7 +99,7 @@ def test_importing_trd_fast_checks_torch_and_triton():
 
 
 class CacheIgnoringLM(torch.nn.Module):
-    """A causal LM whose backbone swallows any cache keyword in **kwargs and leaves the cache it was passed empty,
+    """A causal LM whose forward swallows any cache keyword in **kwargs and leaves the cache it was passed empty,
     as transformers 5.17's models do with `cache=`."""
 
     def __init__(self, model):
@@ -115,13 +115,11 @@ class CacheIgnoringLM(torch.nn.Module):
         return self.inner.get_output_embeddings()
 
     def get_decoder(self):
-        decoder = self.inner.get_decoder()
+        return self.inner.get_decoder()
 
-        def forward(input_ids, attention_mask=None, position_ids=None, use_cache=None, **kwargs):
-            return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=use_cache)
-
-        return forward
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, logits_to_keep=logits_to_keep)
 
 
 def test_generation_refuses_a_model_that_leaves_the_kv_cache_empty():

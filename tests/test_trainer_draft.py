@@ -29,21 +29,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Counted:
-    """A model whose backbone is seen through a counter of its forwards and of the real tokens each is fed (its
-    new mask slots)."""
+    """A model seen through a counter of its forwards and of the real tokens each is fed (its new mask slots)."""
 
     def __init__(self, model):
         self.model, self.forwards, self.fed = model, 0, 0
 
-    def get_decoder(self):
-        decoder = self.model.get_decoder()
-
-        def run(*, input_ids, attention_mask, **kwargs):
-            self.forwards += 1
-            self.fed += int(attention_mask[:, -input_ids.shape[1]:].sum())
-            return decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-        return run
+    def __call__(self, *, input_ids, attention_mask, **kwargs):
+        self.forwards += 1
+        self.fed += int(attention_mask[:, -input_ids.shape[1]:].sum())
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.model, name)

@@ -61,7 +61,7 @@ def teacher_forward(model, context, completion):
 
 def heads_of(engine, budget_bytes=1 << 30):
     """train_on's keyword arguments for the engine's models."""
-    return dict(student_head=engine.student_head, teacher_head=engine.teacher_head, budget_bytes=budget_bytes)
+    return dict(teacher_head=engine.teacher_head, budget_bytes=budget_bytes)
 
 
 def test_every_configurable_mode_has_a_batch_builder():

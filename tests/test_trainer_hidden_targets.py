@@ -121,7 +121,7 @@ def test_hidden_targets_give_the_dense_loss_and_gradients(pairs, tmp_path, mode,
     model = engine.student_model
     model.zero_grad(set_to_none=True)
     result = train_on(model, batch, config.distill, micro_batches=2, epistemic_ids=torch.tensor([10]),
-                      student_head=engine.student_head, teacher_head=engine.teacher_head, budget_bytes=2048)
+                      teacher_head=engine.teacher_head, budget_bytes=2048)
     fused = gradients(model)
     model.zero_grad(set_to_none=True)
     expected = dense_loss(config, task, engine, examples, batch)
@@ -161,7 +161,7 @@ def test_no_step_tensor_grows_with_rows_times_vocabulary(pairs, tmp_path, mode):
     with Allocations() as seen:
         _, batch = batch_of(config, task, engine, 8, seed=1)
         train_on(engine.student_model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
-                 student_head=engine.student_head, teacher_head=engine.teacher_head,
+                 teacher_head=engine.teacher_head,
                  budget_bytes=int(config.run.memory_budget_mb * 2**20))
     positions = sum(len(y) for y in batch.completions)
     assert positions > 100
@@ -235,7 +235,7 @@ def test_a_small_budget_splits_the_step_without_changing_it(pairs, tmp_path, mon
         model.zero_grad(set_to_none=True)
         forwards.clear()
         results.append(train_on(model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
-                                student_head=engine.student_head, teacher_head=engine.teacher_head,
+                                teacher_head=engine.teacher_head,
                                 budget_bytes=budget))
         grads.append(gradients(model))
         assert len(forwards) == (1 if budget == 1 << 30 else 4)

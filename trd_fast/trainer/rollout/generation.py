@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import trd_fast
-from trd_fast.heads import lm_head
+from trd_fast.heads import LMHead, lm_head
 from trd_fast.trainer.rollout.capture import Capture, Target
 from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
 from trd_fast.trainer.rollout.draft import Drafter, verify_decode
@@ -42,9 +42,8 @@ class Runner:
 
     def __init__(self, model, *, pad_id: int, eos_id: int, name: str, vocab_size: int | None = None,
                  capture: Capture = Capture()):
-        self.model = model            # a causal LM: its backbone (get_decoder()) takes input_ids, attention_mask,
-                                      # position_ids and the KV cache; its LM head is applied only where it samples
-        self.head = lm_head(model, name)  # that LM head (weight, bias, logit scale, softcap)
+        self.model = model            # a causal LM taking input_ids, attention_mask, position_ids, the KV cache and
+                                      # logits_to_keep; its LM head is applied only where it samples (backbone())
         self.pad_id = pad_id          # fills rows after their end, and padding slots
         self.eos_id = eos_id          # ends a row
         self.name = name              # for messages
@@ -58,6 +57,12 @@ class Runner:
         """A Runner with the tokenizer's pad and eos ids that samples only ids the tokenizer has."""
         return cls(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name=name,
                    vocab_size=len(tokenizer), capture=capture)
+
+    @property
+    def head(self) -> LMHead:
+        """The model's LM head (weight, bias, logit scale, softcap), read at each use: a wrapper (FSDP) may swap
+        the parameter objects after the runner was made."""
+        return lm_head(self.model, self.name)
 
     @property
     def device(self) -> torch.device:
@@ -160,8 +165,8 @@ class Runner:
                 DynamicCache(config=self.model.config), self.name)
         positions = past.sum(-1, keepdim=True) + (fed.cumsum(-1) - 1).clamp(min=0)        # [B, W]
         mask = torch.cat([past, fed], dim=1)                                                # [B, S + W]
-        out = self.model.get_decoder()(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
-                                       **{CACHE_KEYWORD: cache}, use_cache=use_cache)
+        out = self.backbone(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                            **{CACHE_KEYWORD: cache}, use_cache=use_cache)
         if use_cache:
             check_filled(cache, mask.shape[1], self.name)
         history = [p.tolist() for p in history] if history is not None else [[] for _ in heads]
@@ -195,9 +200,8 @@ class Runner:
         while len(alive):
             slot = torch.ones(len(alive), 1, dtype=torch.bool, device=self.device)
             mask = torch.cat([state.mask, slot], dim=1)                                       # [A, S + 1]
-            out = self.model.get_decoder()(input_ids=pending[alive][:, None], attention_mask=mask.long(),
-                                           position_ids=state.lengths[:, None], **{CACHE_KEYWORD: state.cache},
-                                           use_cache=True)
+            out = self.backbone(input_ids=pending[alive][:, None], attention_mask=mask.long(),
+                                position_ids=state.lengths[:, None], **{CACHE_KEYWORD: state.cache}, use_cache=True)
             check_filled(state.cache, mask.shape[1], self.name)
             state = CachedBatch(state.cache, mask)
             self.counters.decode_tokens += len(alive)
@@ -210,6 +214,17 @@ class Runner:
                 state, alive = state.select(keep), alive[keep]
             bar.update(1)
         bar.close()
+
+    def backbone(self, **inputs):
+        """The model's own forward (so a wrapper's hooks, FSDP's root first, see it) with its head on no position;
+        returns its decoder's output, whose last_hidden_state [B, W, H] are the final hidden states."""
+        out = {}
+        hook = self.model.get_decoder().register_forward_hook(lambda module, args, output: out.setdefault("o", output))
+        try:
+            self.model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.int64, device=self.device))
+        finally:
+            hook.remove()
+        return out["o"]
 
     def draw(self, trace: Trace, rows: Tensor, hidden: Tensor, sampling: SamplingConfig,
              generator: torch.Generator, *, capture: bool) -> Tensor:

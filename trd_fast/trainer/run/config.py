@@ -20,6 +20,7 @@ TEACHER_SOURCES = ("external", "self")
 OPD_LOSSES = ("reverse_kl", "forward_kl", "clipped_forward_kl", "top_k_reverse_kl", "jsd")
 SPLICE_SIGNALS = ("nll", "log_ratio", "divergence")
 TEACHER_TARGETS = ("hidden", "top_k")
+TEACHER_PLACEMENTS = ("replicate", "shard")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ModelConfig:
     lora_rank: int = 0                 # 0: full fine-tuning; > 0: LoRA adapters of this rank (needs peft)
     lora_alpha: float = 16.0           # LoRA scaling numerator
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names that get adapters
+    teacher_placement: str = "replicate"  # under torchrun: replicate (a full teacher per rank) | shard (FSDP2)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class RunConfig:
     save_student: bool = True          # save the trained student with save_pretrained at the end
     memory_budget_mb: float = 1024.0   # MiB of logit blocks the engine forms from hidden states at once (scoring
                                        # signals, top-k targets, metrics) and of each micro-batch's activations
+    collective_timeout_s: float = 600.0  # under torchrun: a rank waiting this long in a collective fails the run
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ NUMERIC_BOUNDS = {
     "run.checkpoint_every": AT_LEAST_0,
     "run.eval_every": AT_LEAST_0,
     "run.memory_budget_mb": POSITIVE,
+    "run.collective_timeout_s": POSITIVE,
 }
 
 # The placeholders each JSONL template may use.
@@ -212,6 +216,8 @@ def _validate(c: TrainConfig) -> None:
          f"expected one of {TEACHER_TARGETS}, got {d.teacher_targets!r}")
     need(o.micro_batches <= o.batch_size, "optim.micro_batches",
          f"must be in [1, batch_size={o.batch_size}], got {o.micro_batches}")
+    need(c.model.teacher_placement in TEACHER_PLACEMENTS, "model.teacher_placement",
+         f"expected one of {TEACHER_PLACEMENTS}, got {c.model.teacher_placement!r}")
     need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
     need(c.model.lora_rank == 0 or bool(c.model.lora_targets), "model.lora_targets",
          "LoRA (model.lora_rank > 0) needs at least one target module")

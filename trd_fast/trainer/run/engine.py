@@ -27,13 +27,8 @@ class Engine:
     teacher: Runner                  # every teacher forward goes through it
 
     @property
-    def student_head(self) -> LMHead:
-        """The student's LM head (its weight a parameter of student_model: it trains with it)."""
-        return self.student.head
-
-    @property
     def teacher_head(self) -> LMHead:
-        """The teacher's LM head (frozen; with LoRA self-distillation the student's own, adapters off)."""
+        """The teacher's LM head (frozen; with LoRA self-distillation the student's own, adapters off), read now."""
         return self.teacher.head
 
 
@@ -46,16 +41,6 @@ class AdapterDisabled:
     def __call__(self, *args, **kwargs):
         with self._peft_model.disable_adapter():
             return self._peft_model(*args, **kwargs)
-
-    def get_decoder(self):
-        """The base model's backbone, called with the adapters off."""
-        decoder = self._peft_model.get_decoder()
-
-        def run(*args, **kwargs):
-            with self._peft_model.disable_adapter():
-                return decoder(*args, **kwargs)
-
-        return run
 
     def __getattr__(self, name):
         return getattr(self._peft_model, name)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 import trd_fast
-from trd_fast.heads import LMHead
+from trd_fast.heads import LMHead, lm_head
 from trd_fast.trainer.rollout.capture import concat_targets
 from trd_fast.trainer.run.config import DistillConfig
 from trd_fast.trainer.train.batch import Batch
@@ -73,22 +73,26 @@ class StepResult:
     divergence: float        # mean raw per-token divergence over trained tokens
     entropy: float           # mean student entropy (T = 1) over trained tokens, on the loss's support
     epistemic_mass: float    # mean teacher probability on the epistemic tokens over trained tokens, same support
-    tokens: int              # trained tokens in the global batch
+    tokens: int              # trained tokens in the global batch (the normaliser)
     sparse_targets: bool     # the teacher targets were kept as top-k
 
 
 def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epistemic_ids: Tensor,
-             student_head: LMHead, teacher_head: LMHead, budget_bytes: int) -> StepResult:
-    """Forward and backward over the batch (gradients accumulate in the model); no optimizer step.
+             teacher_head: LMHead, budget_bytes: int,
+             total_tokens: int | None = None) -> StepResult:
+    """Forward and backward over the batch (gradients accumulate in the model); no optimizer step. The loss and
+    the per-token means are normalised by `total_tokens`, the trained tokens of the global batch (default: this
+    batch's); when the batch is one rank's share, its values are that rank's share of the global ones.
 
-    student_head: the LM head of `model` (its weight a parameter of the model, so it trains); teacher_head: the
-    head of the teacher whose hidden states batch.targets holds (unused for top-k targets). The metrics form
+    The student's LM head is read from `model` after each forward (its weight a parameter: it trains; under a
+    wrapper that swaps parameters, the one the forward used); teacher_head: the head of the teacher whose hidden
+    states batch.targets holds (unused for top-k targets). The metrics form
     logits in row blocks of at most `budget_bytes`, and each of the `micro_batches` pieces is split further so
     that its estimated activations (activation_bytes) fit `budget_bytes` (one row at least): gradient
     accumulation with the normalizer fixed makes the split change nothing but the peak memory."""
     spec = loss_spec(d)
     device = next(model.parameters()).device
-    total = sum(len(y) for y in batch.completions)
+    total = sum(len(y) for y in batch.completions) if total_tokens is None else total_tokens
     normalizer = torch.tensor(float(max(total, 1)), device=device)
     lengths = [len(x) + len(y) for x, y in zip(batch.contexts, batch.completions)]
     loss_sum = divergence_sum = entropy_sum = mass_sum = 0.0
@@ -100,6 +104,7 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
                 for x, y in zip(batch.contexts[lo:hi], batch.completions[lo:hi])]
         weight = torch.cat(batch.weights[lo:hi]).to(device)                    # [n]
         hidden = packed_hidden(model, sequences, keep)                         # [n, H_s]
+        student_head = lm_head(model, "student")
         teacher = concat_targets(batch.targets[lo:hi])                         # [n, H_t] or top-k [n, k]
         is_sparse = isinstance(teacher, trd_fast.SparseTeacher)
         sparse = sparse or is_sparse
