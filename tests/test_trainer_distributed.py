@@ -376,3 +376,23 @@ def test_a_stalled_rank_fails_the_run_at_the_collective_timeout(models, tmp_path
     report = json.loads((tmp_path / "out" / "stalled.json").read_text())
     assert "timed out" in report["error"].lower(), report["error"]
     assert 5.0 <= report["seconds"] < 40  # step 1, then the 5 s wait in a collective
+
+
+def worlds_one_after_another(rank: int, raw: dict) -> dict:
+    """Three process groups in a row in the same two processes; rank 0 leaves each one a second after rank 1, so rank
+    1 rendezvouses for the next while rank 0 still holds the previous one's store."""
+    from trd_fast.trainer.run.world import run_world
+
+    sums = []
+    for _ in range(3):
+        with run_world("cpu", batch_size=2, micro_batches=1, timeout_s=raw["run"]["collective_timeout_s"]) as world:
+            sums.append(world.sum([float(rank + 1)])[0])
+            if rank == 0:
+                time.sleep(1.0)
+    return {"sums": sums}
+
+
+def test_runs_one_after_another_in_the_same_processes_each_meet_afresh(tmp_path):
+    spawn("worlds_one_after_another", {"run": {"collective_timeout_s": 10.0}}, tmp_path)
+    for r in range(RANKS):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {"sums": [3.0, 3.0, 3.0]}
