@@ -213,6 +213,34 @@ def stalled_rank(rank: int, raw: dict) -> dict:
     return {}
 
 
+class MixedVerdictTask(JsonlTask):
+    """The JSONL task with a verifier that passes a completion whose character codes sum to an even number: an
+    untrained model's completions then get a mix of verdicts, so an accuracy made of wrong counts shows."""
+
+    def verify(self, example, completion: str) -> bool:
+        return sum(map(ord, completion)) % 2 == 0
+
+
+def recorded_evaluations(calls: list[dict]):
+    """loop.evaluate, recording per call the prompts evaluated, their completions and the verified counts."""
+    real = loop.evaluate
+
+    def recording(runner, task, tokenize, examples, **options):
+        result = real(runner, task, tokenize, examples, **options)
+        calls.append({"prompts": [e.prompt for e in examples], "completions": result.completions,
+                      "verified": list(result.verified)})
+        return result
+    return recording
+
+
+def train_recording_evaluations(rank: int, raw: dict) -> dict:
+    """Train on the mixed-verdict task, recording this rank's evaluations."""
+    calls: list[dict] = []
+    loop.evaluate = recorded_evaluations(calls)
+    config = from_dict(raw)
+    return {"records": loop.train(config, MixedVerdictTask(config.data)), "evaluations": calls}
+
+
 def single_process(raw: dict) -> list[dict]:
     config = from_dict(raw)
     return loop.train(config, JsonlTask(config.data))
@@ -275,6 +303,39 @@ def test_stopped_while_checkpointing_resumes_onto_the_uninterrupted_curve(models
     stopped = Path(str(tmp_path / "two") + "-nan")
     assert sorted(p.name for p in (stopped / CHECKPOINTS).iterdir()) == ["step-1"]
     assert [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.parametrize("eval_examples", [8, 7])
+def test_each_rank_evaluates_its_share_giving_one_process_s_accuracy(models, tmp_path, monkeypatch, eval_examples):
+    settings = dict(data={"eval_examples": eval_examples}, optim={"steps": 1},
+                    run={"eval_every": 1, "checkpoint_every": 0, "save_student": False})
+    calls: list[dict] = []
+    monkeypatch.setattr(loop, "evaluate", recorded_evaluations(calls))
+    one = from_dict(raw_config(models, tmp_path / "one", **settings))
+    reference = loop.train(one, MixedVerdictTask(one.data))
+    assert 0 < reference[0]["eval_accuracy"] < 1  # a mix of verdicts: counts summed wrongly would show
+    spawn("train_recording_evaluations", raw_config(models, tmp_path / "two", **settings), tmp_path / "report")
+    seen = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    shares = [report["evaluations"] for report in seen]
+    assert [len(s) for s in shares] == [1, 1]  # every rank evaluates once, at the step's end
+    assert [len(s[0]["prompts"]) for s in shares] == [eval_examples // 2, eval_examples - eval_examples // 2]
+    # The shares are contiguous and, in rank order, the whole eval set with one process's greedy completions.
+    assert shares[0][0]["prompts"] + shares[1][0]["prompts"] == calls[0]["prompts"]
+    assert shares[0][0]["completions"] + shares[1][0]["completions"] == calls[0]["completions"]
+    assert seen[0]["records"][0]["eval_accuracy"] == reference[0]["eval_accuracy"]
+    assert seen[1]["records"] == []
+
+
+def test_rank_shares_are_contiguous_in_rank_order_and_differ_by_at_most_one():
+    from trd_fast.trainer.run.world import World
+
+    for size in (1, 2, 3, 4):
+        for count in range(10):
+            items = list(range(count))
+            shares = [World(rank=r, size=size, device=torch.device("cpu"), distributed=True).share(items)
+                      for r in range(size)]
+            assert sum(shares, []) == items
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def run_cli(command: list[str], timeout: float) -> subprocess.CompletedProcess:

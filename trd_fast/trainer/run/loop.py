@@ -21,7 +21,7 @@ from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model_directory
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.engine import Engine, build_engine
-from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate
+from trd_fast.trainer.run.evaluate import EVAL_SEED, accuracy, evaluate
 from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, merge_records, plot_curves, read_metrics
 from trd_fast.trainer.run.schedule import cosine_schedule
@@ -117,10 +117,9 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
         record = _one_step(config, task, engine, tokenize, train_examples, step, generator, optimizer, scheduler,
                            epistemic, world)
         if config.run.eval_every and (step + 1) % config.run.eval_every == 0:
-            with unsharded(model):  # rank 0 evaluates; the others wait for it in the next collective
-                if world.main:
-                    record["eval_accuracy"] = evaluate(engine.student, task, tokenize, eval_examples,
-                                                       max_new_tokens=config.rollout.max_new_tokens).accuracy
+            eval_accuracy = _evaluate_shared(engine, task, tokenize, eval_examples, config, world)
+            if world.main:
+                record["eval_accuracy"] = eval_accuracy
         if world.main:
             log.write(record)
         last = step + 1 == o.steps
@@ -143,7 +142,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     """One optimizer step on this rank's share of the step's batch; the step's record on rank 0, else None."""
     clock = time.perf_counter
     began = clock()
-    rows = world.rows(batch_positions(step, config.optim.batch_size, len(examples), config.run.seed))
+    rows = world.share(batch_positions(step, config.optim.batch_size, len(examples), config.run.seed))
     engine.student.new_step()
     engine.teacher.new_step()
     engine.student_model.eval()
@@ -197,6 +196,16 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
                       f"{config.distill.teacher_top_k}: trd then departs from the paper's full-vocabulary "
                       f"forward KL (recorded as sparse_targets in metrics.jsonl)", stacklevel=2)
     return record
+
+
+def _evaluate_shared(engine, task, tokenize, examples, config, world: World) -> float:
+    """The student's greedy accuracy on `examples`, data parallel: each rank evaluates its contiguous share with the
+    unsharded student (no collective inside, so shares of different lengths are fine) and the verified counts are
+    summed over ranks. Greedy decoding makes it the accuracy one process finds on all of `examples`."""
+    with unsharded(engine.student_model):
+        counts = evaluate(engine.student, task, tokenize, world.share(examples),
+                          max_new_tokens=config.rollout.max_new_tokens).verified
+    return accuracy(*world.sum([float(c) for c in counts]))
 
 
 def _token_ids(tokenizer, words: Sequence[str]) -> torch.Tensor:

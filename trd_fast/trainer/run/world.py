@@ -9,10 +9,12 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 # The variables torchrun sets in every process it starts.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -30,10 +32,12 @@ class World:
         """Rank 0: the one process that writes files, logs and shows progress."""
         return self.rank == 0
 
-    def rows(self, global_rows: list[int]) -> list[int]:
-        """This rank's contiguous share of a global batch (its length a multiple of the world size)."""
-        share = len(global_rows) // self.size
-        return global_rows[self.rank * share:(self.rank + 1) * share]
+    def share(self, items: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous share of `items`: rank r takes items [r*n//size, (r+1)*n//size), so the shares
+        are equal when the world size divides n (a step's global batch) and differ by at most one item otherwise
+        (an evaluation set); in rank order they are `items` again."""
+        n = len(items)
+        return items[self.rank * n // self.size:(self.rank + 1) * n // self.size]
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over every rank (fp64; NaN and inf propagate); the values themselves on one process."""
