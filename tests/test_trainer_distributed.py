@@ -1,8 +1,10 @@
 """The engine in two processes (torch.distributed, gloo on the CPU, FSDP2 students): 2 ranks x 4 rows give the loss
-curve and the final weights of 1 process x 8 rows in every mode, from the loop and from the command line; a run
-stopped while writing a checkpoint resumes from the previous one onto the uninterrupted curve; only rank 0 writes
-files; a non-finite loss on one rank stops both before the optimizer step; a rank that raises ends the run, and
-one that stalls fails it at the collective timeout. The 2-rank runs are forked processes with torchrun's
+curve and the final weights of 1 process x 8 rows in every mode, from the loop and from the command line; each rank
+evaluates its share of the eval set and together they give one process's accuracy; a run stopped while writing a
+checkpoint resumes from the previous one onto the uninterrupted curve; runs may follow one another in the same
+processes; only rank 0 writes files, after the last collective where it is slow; a non-finite loss on one rank
+stops both before the optimizer step; a rank that raises ends the run, and one that stalls fails it at the
+collective timeout. The 2-rank runs are forked processes with torchrun's
 environment; the command-line ones run under torchrun itself."""
 
 from __future__ import annotations
@@ -241,6 +243,22 @@ def train_recording_evaluations(rank: int, raw: dict) -> dict:
     return {"records": loop.train(config, MixedVerdictTask(config.data)), "evaluations": calls}
 
 
+def slow_rank_zero_at_the_end(rank: int, raw: dict) -> dict:
+    """Train; rank 0 takes longer than the collective timeout to plot the curves and again to write the student."""
+    pause = 1.5 * raw["run"]["collective_timeout_s"]
+
+    def slowly(write):
+        def slow(*args, **kwargs):
+            time.sleep(pause)
+            return write(*args, **kwargs)
+        return slow
+
+    loop.plot_curves, loop.save_model_directory = slowly(loop.plot_curves), slowly(loop.save_model_directory)
+    config = from_dict(raw)
+    records = loop.train(config, JsonlTask(config.data))
+    return {"steps": [r["step"] for r in records], "finished": time.time()}
+
+
 def single_process(raw: dict) -> list[dict]:
     config = from_dict(raw)
     return loop.train(config, JsonlTask(config.data))
@@ -336,6 +354,16 @@ def test_rank_shares_are_contiguous_in_rank_order_and_differ_by_at_most_one():
                       for r in range(size)]
             assert sum(shares, []) == items
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_rank_zero_s_plotting_and_saving_after_the_last_collective_keep_nobody_waiting(models, tmp_path):
+    raw = raw_config(models, tmp_path / "out", optim={"steps": 1},
+                     run={"collective_timeout_s": 6.0, "checkpoint_every": 0})
+    spawn("slow_rank_zero_at_the_end", raw, tmp_path / "report")
+    seen = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    assert seen[0]["steps"] == [1] and seen[1]["steps"] == []
+    assert seen[0]["finished"] - seen[1]["finished"] > 2 * 6.0  # rank 1 was done before rank 0's slow writes
+    assert (tmp_path / "out" / "curves.png").is_file() and (tmp_path / "out" / "student" / "config.json").is_file()
 
 
 def run_cli(command: list[str], timeout: float) -> subprocess.CompletedProcess:

@@ -129,11 +129,15 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
             else:
                 save_checkpoint(out, step=step + 1, **saved)
 
-    records = read_metrics(out / METRICS) if world.main else []
-    if world.main:
-        plot_curves(records, out / CURVES, f"{config.distill.mode} ({config.distill.teacher_source} teacher)")
+    state = _student_state(model, world) if config.run.save_student else None  # the run's last collective
+    # Rank 0's own work from here on (the curves, the student's files) follows the last collective, so no rank waits
+    # for it in one and no collective timeout applies to it, however large the model or slow the disk.
+    if not world.main:
+        return []
+    records = read_metrics(out / METRICS)
+    plot_curves(records, out / CURVES, f"{config.distill.mode} ({config.distill.teacher_source} teacher)")
     if config.run.save_student:
-        _save_student(model, engine.tokenizer, out / "student", world)
+        _save_student(model, engine.tokenizer, out / "student", state)
     return records
 
 
@@ -219,15 +223,17 @@ def _token_ids(tokenizer, words: Sequence[str]) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.int64)
 
 
-def _save_student(model, tokenizer, directory: Path, world: World) -> None:
-    """The trained student as a plain model directory (LoRA adapters merged into a copy of the weights; a sharded
-    student gathered into its full state dict on rank 0, which alone writes)."""
-    if world.distributed:
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if world.main:
-            save_model_directory(model, tokenizer, directory, state_dict=state)
-        world.barrier()
-        return
-    if hasattr(model, "merge_and_unload"):
+def _student_state(model, world: World) -> dict[str, torch.Tensor] | None:
+    """A sharded student's full state dict, gathered tensor by tensor into rank 0's CPU memory (a collective: every
+    rank calls it; the others get an empty dict); None for a model in one process, which saves itself."""
+    if not world.distributed:
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_student(model, tokenizer, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
+    """The trained student as a plain model directory: a sharded student's gathered `state`, or (state None) the
+    model's own weights, LoRA adapters merged into a copy of them."""
+    if state is None and hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
-    save_model_directory(model, tokenizer, directory)
+    save_model_directory(model, tokenizer, directory, state_dict=state)
