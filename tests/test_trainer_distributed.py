@@ -4,8 +4,8 @@ evaluates its share of the eval set and together they give one process's accurac
 checkpoint resumes from the previous one onto the uninterrupted curve; runs may follow one another in the same
 processes; only rank 0 writes files, after the last collective where it is slow; a non-finite loss on one rank
 stops both before the optimizer step; a rank that raises ends the run, and one that stalls fails it at the
-collective timeout. The 2-rank runs are forked processes with torchrun's
-environment; the command-line ones run under torchrun itself."""
+collective timeout. The 2-rank runs are forked processes with torchrun's environment; the command-line ones run
+under torchrun itself."""
 
 from __future__ import annotations
 
