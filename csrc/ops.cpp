@@ -2,10 +2,10 @@
 //
 //   divergence          student [B, L, Vs], teacher [B, L, Vt] logits (stride(2) == 1, any outer strides),
 //                       kind 0 forward_kl | 1 reverse_kl | 2 jsd (0 < beta < 1), over the common columns
-//                       -> value [B, L] fp32, stats [B, L, 3] = (logsumexp s/T, logsumexp t/T, K)
+//                       -> value [B, L] fp32, stats [B, L, 3] fp64 = (logsumexp s/T, logsumexp t/T, K)
 //   divergence_backward grad_value [B, L] -> d loss / d student, a new [B, L, Vs] tensor in the student's dtype
 //   divergence_backward_ the same gradient written over `student`
-//   token_logprobs      logits [B, L, V], token_ids [B, L] (-100 = ignore) -> log-probs [B, L] fp32, lse [B, L]
+//   token_logprobs      logits [B, L, V], token_ids [B, L] (-100 = ignore) -> log-probs [B, L] fp32, lse [B, L] fp64
 //   token_logprobs_backward -> d loss / d logits, a new [B, L, V] tensor
 //   prefix_scan         signal [B, L], lengths [B] -> cumsum [B, L], first [B] int64
 #include "cpu/kernels.h"

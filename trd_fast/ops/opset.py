@@ -4,10 +4,10 @@ Every kernel backend ("cpp": trd_fast::<name>, "triton": trd_fast::<name>_triton
 with the same schemas and semantics:
 
   divergence(student [B,L,Vs], teacher [B,L,Vt], kind, beta, temperature, inplace_backward)
-      -> value [B,L] fp32, stats [B,L,3] (A, B, K: student and teacher log-normalizers, K as the kernel needs)
+      -> value [B,L] fp32, stats [B,L,3] fp64 (A, B, K: student and teacher log-normalizers, K as the kernel needs)
   divergence_backward(grad_value [B,L], student, teacher, value, stats, kind, beta, temperature) -> [B,L,Vs]
   divergence_backward_(...same...) -> ()  writes the gradient over `student`
-  token_logprobs(logits [B,L,V], token_ids [B,L], temperature) -> logprobs [B,L] fp32, lse [B,L]
+  token_logprobs(logits [B,L,V], token_ids [B,L], temperature) -> logprobs [B,L] fp32, lse [B,L] fp64
   token_logprobs_backward(grad [B,L], logits, token_ids, lse, temperature) -> [B,L,V]
   prefix_scan(signal [B,L], lengths [B], threshold, window) -> cumsum [B,L], first [B] int64
 """
@@ -30,8 +30,9 @@ class OpSet:
         return f"trd_fast::{name}{self.suffix}"
 
 
-def stats_dtype(student: torch.Tensor) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
+# Row statistics saved for a backward sweep (log-normalizers): fp64 for every logit dtype, so that the sweep can
+# subtract them from logits as large as 1e4 without losing fp32 digits.
+STATS_DTYPE = torch.float64
 
 
 def register_fakes(ops: OpSet) -> None:
@@ -41,7 +42,7 @@ def register_fakes(ops: OpSet) -> None:
     def _(student, teacher, kind, beta, temperature, inplace_backward):
         lead = student.shape[:-1]
         return (student.new_empty(lead, dtype=torch.float32),
-                student.new_empty((*lead, 3), dtype=stats_dtype(student)))
+                student.new_empty((*lead, 3), dtype=STATS_DTYPE))
 
     @torch.library.register_fake(ops.qualname("divergence_backward"))
     def _(grad_value, student, teacher, value, stats, kind, beta, temperature):
@@ -54,7 +55,7 @@ def register_fakes(ops: OpSet) -> None:
     @torch.library.register_fake(ops.qualname("token_logprobs"))
     def _(logits, token_ids, temperature):
         lead = logits.shape[:-1]
-        return logits.new_empty(lead, dtype=torch.float32), logits.new_empty(lead, dtype=stats_dtype(logits))
+        return logits.new_empty(lead, dtype=torch.float32), logits.new_empty(lead, dtype=STATS_DTYPE)
 
     @torch.library.register_fake(ops.qualname("token_logprobs_backward"))
     def _(grad_logprobs, logits, token_ids, lse, temperature):

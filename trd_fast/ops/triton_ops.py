@@ -15,7 +15,7 @@ from torch.library import triton_op
 
 from trd_fast.kernels import (check_token_ids, divergence_backward, divergence_forward, segmented_scan,
                               token_logprobs_backward, token_logprobs_forward)
-from trd_fast.ops.opset import OpSet, register_autograd, stats_dtype
+from trd_fast.ops.opset import STATS_DTYPE, OpSet, register_autograd
 
 TRITON_OPS = OpSet(suffix="_triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -52,11 +52,11 @@ def _per_row(name: str, x: torch.Tensor, lead, dtype=None) -> torch.Tensor:
 @triton_op("trd_fast::divergence_triton", mutates_args=())
 def divergence_triton(student: torch.Tensor, teacher: torch.Tensor, kind: int, beta: float, temperature: float,
                       inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """value [B, L] fp32 and stats [B, L, 3] = (A, B, K) over the common columns; see kernels/divergence.py."""
+    """value [B, L] fp32 and stats [B, L, 3] fp64 = (A, B, K) over the common columns; see kernels/divergence.py."""
     _check_pair(student, teacher)
     lead = student.shape[:2]
     value = student.new_empty(lead, dtype=torch.float32)
-    stats = student.new_empty((*lead, 3), dtype=stats_dtype(student))
+    stats = student.new_empty((*lead, 3), dtype=STATS_DTYPE)
     with _device_guard(student):
         divergence_forward(student, teacher, value, stats, kind, beta, temperature)
     return value, stats
@@ -94,12 +94,12 @@ def divergence_backward__triton(grad_value: torch.Tensor, student: torch.Tensor,
 @triton_op("trd_fast::token_logprobs_triton", mutates_args=())
 def token_logprobs_triton(logits: torch.Tensor, token_ids: torch.Tensor,
                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logprobs [B, L] fp32 (0 where id == -100) and lse [B, L] of logits / T (fp64 for fp64 logits)."""
+    """logprobs [B, L] fp32 (0 where id == -100) and lse [B, L] fp64 of logits / T."""
     _check_rows("logits", logits)
     lead = logits.shape[:2]
     ids = _per_row("token_ids", token_ids, lead, torch.int64)
     logprobs = logits.new_empty(lead, dtype=torch.float32)
-    lse = logits.new_empty(lead, dtype=stats_dtype(logits))
+    lse = logits.new_empty(lead, dtype=STATS_DTYPE)
     with _device_guard(logits):
         if logits.device.type == "cuda":
             check_token_ids(ids, logits.shape[2])  # device-side assert; exact CPU checks run above us
