@@ -8,6 +8,7 @@
 //   token_logprobs      logits [B, L, V], token_ids [B, L] (-100 = ignore) -> log-probs [B, L] fp32, lse [B, L] fp64
 //   token_logprobs_backward -> d loss / d logits, a new [B, L, V] tensor
 //   prefix_scan         signal [B, L], lengths [B] -> cumsum [B, L], first [B] int64
+#include "cpu/gradient_buffers.h"
 #include "cpu/kernels.h"
 
 #include <torch/extension.h>
@@ -42,4 +43,6 @@ TORCH_LIBRARY_IMPL(trd_fast, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(TRD_FAST_CPU_ISA); },
         "The SIMD level the CPU kernels were compiled for: avx512, avx2 or default.");
+  m.def("release_gradient_buffers", &trd_fast::cpu::release_gradient_buffers,
+        "Frees the large gradient buffers the CPU backward keeps for reuse; returns the bytes freed.");
 }

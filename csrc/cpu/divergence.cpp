@@ -31,6 +31,7 @@
 // Cost per element: forward_kl / reverse_kl 2 exps in one pass (the next block is prefetched during the exp
 // loop, so the max pass reads it from cache); jsd 2 more exps and a log in pass 2; backward 1-2 exps (+ a log
 // for jsd) in one sweep, a large new gradient written with non-temporal stores. Rows run in parallel.
+#include "gradient_buffers.h"
 #include "kernels.h"
 #include "online_softmax.h"
 #include "tensor_rows.h"

@@ -8,6 +8,7 @@
 // NaN and +inf logits make the row's lse NaN (a row of -inf has lse = -inf and logprob NaN). An exp may hide a
 // NaN (ATen's exp_u20 clamps), so the pass also accumulates sum e x, which is not finite when a block holds a NaN
 // or an infinity; only then is the block searched for NaN or +inf.
+#include "gradient_buffers.h"
 #include "kernels.h"
 #include "online_softmax.h"
 #include "tensor_rows.h"
