@@ -2,15 +2,16 @@
 #   make demo   install, then opd vs trd vs trd_splice on the shipped task (runs/demo/report.json)
 #   make pretrain  install, then retrain the shipped task's teacher and student from their seed
 #   make test   install, then the whole test suite (CPU; Triton kernels through the interpreter)
+#   make test-floors  the trainer, task and integration tests in $(FLOOR_VENV), at pyproject.toml's floors
 #   make bench  install, then the CPU benchmarks (not part of make test)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 export MAX_JOBS ?= 2
 
-.PHONY: install demo pretrain test bench clean
+.PHONY: install demo pretrain test test-floors bench clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +38,26 @@ pretrain: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The floor venv: torch==2.13.0 first, then the package with every pure-Python floor pinned (.ci/floors.py), so pip
+# never resolves another torch. It is editable and builds no extension: it loads the trd_fast._C that `install`
+# built in place for the same torch. $(VENV) is not touched.
+FLOOR_VENV ?= .venv-floor
+FLOOR_TESTS := tests/test_trainer_*.py tests/test_task.py tests/test_integration_*.py
+
+$(FLOOR_VENV)/.installed: pyproject.toml .ci/floors.py | install
+	rm -rf $(FLOOR_VENV)
+	python3 -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q torch==2.13.0 setuptools wheel
+	$(PY) .ci/floors.py > $(FLOOR_VENV)/constraints.txt
+	TRD_FAST_SKIP_EXT=1 $(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q \
+		-c $(FLOOR_VENV)/constraints.txt --no-build-isolation -e ".[test]"
+	@touch $@
+
+test-floors: $(FLOOR_VENV)/.installed
+	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check list 2>/dev/null \
+		| grep -iE "^(torch|transformers|trl|peft|accelerate|datasets|triton) "
+	$(FLOOR_VENV)/bin/python -m pytest -q $(FLOOR_TESTS)
 
 bench: install
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,min,max,rounds

@@ -21,7 +21,7 @@ import torch
 
 from bench import harness
 from trd_fast.tasks import ChainTask, checkpoint_dir
-from trd_fast.trainer import loop
+from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.config import from_dict
 
 RUNS = (("opd", 0), ("trd", 0), ("trd_splice", 0), ("trd_splice", 4), ("trd_splice", 1))  # (mode, scoring chunk)

@@ -1,7 +1,7 @@
 """Log-probability of one token per row, log softmax(logits / T)[id], and its gradient sweep.
 
 Rows r = b * L + l of logits [B, L, V] with arbitrary strides; a = x / T, lse = logsumexp(a). The ignore id
--100 gives 0 and a zero gradient row.
+IGNORE_INDEX (-100) gives 0 and a zero gradient row.
 """
 
 import torch
@@ -9,9 +9,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from trd_fast import constants
 from trd_fast.kernels.common import (cast_for_store, hyper, online_logsumexp, row_offset, save_stat, shift_of,
                                      split, split_stat)
-from trd_fast.kernels.configs import stream_configs
+from trd_fast.kernels.configs import STREAM_PRUNE, stream_configs
+
+IGNORE_INDEX = tl.constexpr(constants.IGNORE_INDEX)
 
 
 # Id check: every id is in [0, V) or -100. A separate, tiny kernel compiled with debug=True so that its
@@ -29,7 +32,7 @@ def _check_token_ids_kernel(
     idx = start + tl.arange(0, BLOCK)
     mask = idx < N
     ids = tl.load(ids_ptr + idx, mask=mask, other=0)
-    ok = ((ids >= 0) & (ids < V)) | (ids == -100)
+    ok = ((ids >= 0) & (ids < V)) | (ids == IGNORE_INDEX)
     tl.device_assert(ok | (idx >= N), "token_ids: an id outside [0, V) other than the ignore index -100")
 
 
@@ -68,7 +71,7 @@ def _token_logprobs_kernel(
     picked = tl.load(row + tl.where(valid, token, 0) * s_logits_v).to(dt)
     # (a[id] - c) - log S rather than a[id] - lse: no rounding of |lse| * eps in the result
     picked_logprob = tl.fma(picked, inv_t, -shift).to(tl.float64) - log_s
-    logprob = tl.where(token == -100, 0.0, tl.where(valid, picked_logprob, float("nan")))
+    logprob = tl.where(token == IGNORE_INDEX, 0.0, tl.where(valid, picked_logprob, float("nan")))
     tl.store(logprobs_ptr + r, logprob.to(tl.float32))
     tl.store(lse_ptr + r, save_stat(shift, log_s))
 
@@ -100,7 +103,7 @@ def _token_logprobs_backward_kernel(
     token = tl.load(ids_ptr + r)
     lse_hi, _, exp_neg_lo = split_stat(tl.load(lse_ptr + r), FP64)
     scale = g * inv_t
-    live = (token != -100) & (g != 0.0)
+    live = (token != IGNORE_INDEX) & (g != 0.0)
     live_columns = tl.where(live, V, 0)  # columns to read: V, or none
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
@@ -112,8 +115,9 @@ def _token_logprobs_backward_kernel(
         tl.store(out_row + cols * s_out_v, cast_for_store(grad, out_ptr), mask=inside)
 
 
-token_logprobs_kernel = triton.autotune(configs=stream_configs(), key=["V"])(_token_logprobs_kernel)
-token_logprobs_backward_kernel = triton.autotune(configs=stream_configs(), key=["V"])(
+token_logprobs_kernel = triton.autotune(configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V"])(
+    _token_logprobs_kernel)
+token_logprobs_backward_kernel = triton.autotune(configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V"])(
     _token_logprobs_backward_kernel)
 CHECK_BLOCK = 1024
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 
-from trd_fast.drivers.demo import METHODS, add_demo_arguments, run_demo
+from trd_fast.drivers import demo
+from trd_fast.drivers.demo import METHODS
 
 
 def miniature(output):
     import argparse
-    parser = add_demo_arguments(argparse.ArgumentParser())
+    parser = demo.add_arguments(argparse.ArgumentParser())
     return parser.parse_args(["--output", str(output), "--seeds", "0", "1", "--steps", "2", "--batch-size", "4",
                               "--eval-problems", "24", "--curve-every", "1", "--curve-problems", "8",
                               "--no-progress"])
 
 
 def test_demo_miniature_writes_the_report_and_resumes(tmp_path):
-    report = run_demo(miniature(tmp_path))
+    report = demo.run(miniature(tmp_path))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["seeds"] == [0, 1] and on_disk["eval_problems"] == 24
@@ -40,6 +41,6 @@ def test_demo_miniature_writes_the_report_and_resumes(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
     finished = {m: (tmp_path / m / "seed-0" / "final.json").stat().st_mtime_ns for m in METHODS}
-    again = run_demo(miniature(tmp_path))
+    again = demo.run(miniature(tmp_path))
     assert {m: (tmp_path / m / "seed-0" / "final.json").stat().st_mtime_ns for m in METHODS} == finished
     assert again["methods"] == report["methods"]

@@ -7,7 +7,7 @@ import torch
 from conftest import FP32, assert_matches, evaluate, gradient_tolerance, randn, require_backend
 
 import trd_fast
-from trd_fast.ops import backend as backend_module
+from trd_fast.ops import registry
 
 ROWS, VOCAB = 4, 1 << 20  # a 16 MiB fp32 gradient: the size from which buffers are kept for reuse
 
@@ -16,9 +16,9 @@ ROWS, VOCAB = 4, 1 << 20  # a 16 MiB fp32 gradient: the size from which buffers 
 def extension():
     """trd_fast._C with no buffer kept, before and after the test."""
     require_backend("cpp")
-    backend_module.EXTENSION.release_gradient_buffers()
-    yield backend_module.EXTENSION
-    backend_module.EXTENSION.release_gradient_buffers()
+    registry.EXTENSION.release_gradient_buffers()
+    yield registry.EXTENSION
+    registry.EXTENSION.release_gradient_buffers()
 
 
 def gradient(student, teacher, **kwargs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trd_fast.tasks import pretrain
+from trd_fast.drivers import pretrain
 
 
 def run(tmp_path, name: str, steps: int = 4):

@@ -12,11 +12,14 @@ import torch
 
 import trd_fast
 from tiny_models import make_model, make_pair, make_tokenizer, write_jsonl
-from trd_fast.trainer import loop
+from trd_fast.tasks.jsonl import JsonlTask
+from trd_fast.trainer.protocol import Tokenize
+from trd_fast.trainer.refine.modes import BUILDERS, build_batch
+from trd_fast.trainer.refine.request import BatchRequest
+from trd_fast.trainer.run import config as config_module
+from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.config import from_dict
 from trd_fast.trainer.run.engine import build_engine
-from trd_fast.tasks.jsonl import JsonlTask
-from trd_fast.trainer.refine.batch import Tokenize, build_batch
 from trd_fast.trainer.train.step import train_on
 
 MODES = ("opd", "trd", "trd_splice")
@@ -42,11 +45,22 @@ def make_config(models, out, **sections):
     return from_dict(raw)
 
 
+def batch_of(config, task, engine, examples, *, seed):
+    """The configured mode's batch of `examples` (ledger rows 0, 1, ...) with sampling seed `seed`."""
+    request = BatchRequest(config, task, Tokenize(engine.tokenizer), engine.student, engine.teacher,
+                           torch.Generator().manual_seed(seed), examples, list(range(len(examples))))
+    return build_batch(request)[0]
+
+
 def teacher_forward(model, context, completion):
     ids = torch.cat([context, completion])[None]
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
     return logits[len(context) - 1:len(context) + len(completion) - 1].float()
+
+
+def test_every_configurable_mode_has_a_batch_builder():
+    assert set(BUILDERS) == set(config_module.MODES) == set(MODES)
 
 
 @pytest.mark.parametrize("source", ["external", "self"])
@@ -76,8 +90,7 @@ def test_captured_targets_equal_a_fresh_teacher_forward(models, tmp_path, mode, 
     tokenize = Tokenize(engine.tokenizer)
     examples = list(task.examples("train", 6, 0))
     engine.teacher.new_step()
-    batch = build_batch(config, task, tokenize, examples, engine.student, engine.teacher,
-                        torch.Generator().manual_seed(3), list(range(len(examples))), {}, lambda: 0.0)
+    batch = batch_of(config, task, engine, examples, seed=3)
     teacher_model = engine.teacher.model
     privileged = source == "self"
     for b, example in enumerate(examples):
@@ -106,8 +119,7 @@ def test_splice_failure_points_match_prefix_scan_of_a_fresh_signal(models, tmp_p
         engine = build_engine(config)
         task = JsonlTask(config.data)
         examples = list(task.examples("train", 8, 0))
-        batch = build_batch(config, task, Tokenize(engine.tokenizer), examples, engine.student, engine.teacher,
-                            torch.Generator().manual_seed(5), list(range(8)), {}, lambda: 0.0)
+        batch = batch_of(config, task, engine, examples, seed=5)
         return engine, task, examples, batch
 
     engine, task, examples, batch = spliced(1e9)  # no failure: y_o comes back whole
@@ -136,9 +148,7 @@ def test_splice_weights_separate_prefix_and_suffix(models, tmp_path):
                                                     "suffix_weight": 2.0})
     task = JsonlTask(config.data)
     engine = build_engine(config)
-    batch = build_batch(config, task, Tokenize(engine.tokenizer), list(task.examples("train", 8, 0)),
-                        engine.student, engine.teacher, torch.Generator().manual_seed(5), list(range(8)), {},
-                        lambda: 0.0)
+    batch = batch_of(config, task, engine, list(task.examples("train", 8, 0)), seed=5)
     for w, k in zip(batch.weights, batch.cut.tolist()):
         assert torch.all(w[:k] == 0.25) and torch.all(w[k:] == 2.0)
 
@@ -148,8 +158,7 @@ def test_gradient_accumulation_matches_one_batch(models, tmp_path):
     task = JsonlTask(config.data)
     engine = build_engine(config)
     examples = list(task.examples("train", 5, 0))
-    batch = build_batch(config, task, Tokenize(engine.tokenizer), examples, engine.student, engine.teacher,
-                        torch.Generator().manual_seed(1), list(range(5)), {}, lambda: 0.0)
+    batch = batch_of(config, task, engine, examples, seed=1)
     model = engine.student_model
     gradients, losses = [], []
     for pieces in (1, 3):
@@ -303,22 +312,25 @@ def test_opd_baselines_select_their_loss(models, tmp_path, opd_loss):
                                                     "loss_top_k": 3, "jsd_beta": 0.3})
     task = JsonlTask(config.data)
     engine = build_engine(config)
-    batch = build_batch(config, task, Tokenize(engine.tokenizer), list(task.examples("train", 4, 0)),
-                        engine.student, engine.teacher, torch.Generator().manual_seed(2), list(range(4)), {},
-                        lambda: 0.0)
+    batch = batch_of(config, task, engine, list(task.examples("train", 4, 0)), seed=2)
     model = engine.student_model
     result = train_on(model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
                       inplace_backward=False)
     with torch.no_grad():
         student = torch.cat([teacher_forward(model, x, y) for x, y in zip(batch.contexts, batch.completions)])
-        probs = torch.softmax(student, -1)
-        entropy = -(probs * torch.log_softmax(student, -1)).sum(-1).mean()
-    expected = trd_fast.distillation_loss(student.double(), torch.cat(batch.targets).double(), backend="torch",
-                                          **OPD_LOSSES[opd_loss])
+    teacher = torch.cat(batch.targets)
+    expected = trd_fast.distillation_loss(student.double(), teacher.double(), backend="torch", **OPD_LOSSES[opd_loss])
     assert result.loss == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    # entropy and epistemic mass over the loss's support: the common columns (the teacher is padded), or top-k
+    s, t = student.double(), teacher[:, :student.shape[-1]].double()
+    columns = torch.arange(s.shape[-1]).expand_as(s)
+    if "top_k" in OPD_LOSSES[opd_loss]:
+        columns = t.topk(3, dim=-1).indices
+        s, t = s.gather(-1, columns), t.gather(-1, columns)
+    entropy = -(torch.softmax(s, -1) * torch.log_softmax(s, -1)).sum(-1).mean()
     assert result.entropy == pytest.approx(float(entropy), rel=1e-4)
-    teacher_probs = torch.softmax(torch.cat(batch.targets), -1)
-    assert result.epistemic_mass == pytest.approx(float(teacher_probs[:, 10].mean()), rel=1e-4, abs=1e-9)
+    mass = (torch.softmax(t, -1) * (columns == 10)).sum(-1).mean()
+    assert result.epistemic_mass == pytest.approx(float(mass), rel=1e-4, abs=1e-9)
 
 
 @pytest.mark.parametrize("signal", ["log_ratio", "divergence"])
@@ -329,8 +341,7 @@ def test_splice_signals_match_a_fresh_computation(models, tmp_path, signal):
         engine = build_engine(config)
         task = JsonlTask(config.data)
         examples = list(task.examples("train", 8, 0))
-        batch = build_batch(config, task, Tokenize(engine.tokenizer), examples, engine.student, engine.teacher,
-                            torch.Generator().manual_seed(5), list(range(8)), {}, lambda: 0.0)
+        batch = batch_of(config, task, engine, examples, seed=5)
         return engine, task, examples, batch
 
     engine, task, examples, batch = spliced(1e9)

@@ -7,8 +7,9 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM)
 
-from trd_fast.trainer.run.loading import (_packed, _padded, attention_implementation, check_tokenizers_agree,
-                                     load_causal_lm, load_tokenizer, packed_logits)
+from trd_fast.trainer.run.loading import (attention_implementation, check_tokenizers_agree, load_causal_lm,
+                                          load_tokenizer)
+from trd_fast.trainer.train.forward import _packed, _padded, packed_logits
 
 VOCAB = 61
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),

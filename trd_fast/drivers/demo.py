@@ -16,21 +16,19 @@ from pathlib import Path
 
 import torch
 
-from trd_fast.trainer.run.config import TrainConfig, from_dict
-from trd_fast.trainer.rollout.generation import Runner
-from trd_fast.trainer.run.loop import EVAL_SEED, evaluate, train
-from trd_fast.trainer.run.metrics import METRICS, read_metrics
-from trd_fast.trainer.run.loading import load_causal_lm, load_tokenizer
-from trd_fast.trainer.refine.batch import Tokenize
-
-from trd_fast.tasks.paths import checkpoint_dir
 from trd_fast.tasks.chain import ChainTask
+from trd_fast.tasks.paths import checkpoint_dir
+from trd_fast.text_files import read_utf8
+from trd_fast.trainer.refine.stats import REFINEMENT
+from trd_fast.trainer.run.config import TrainConfig, from_dict
+from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate_saved
+from trd_fast.trainer.run.loop import train
+from trd_fast.trainer.run.metrics import METRICS, read_metrics
 
 METHODS = ("opd", "trd", "trd_splice")
-REFINEMENT = ("y_o_accuracy", "y_r_accuracy", "y_o_len", "y_r_len", "fail_to_pass", "pass_to_fail")
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output", default="runs/demo", help="where runs, report.json and curves.png go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -61,7 +59,7 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> TrainConfig:
                 "progress": not args.no_progress, "save_student": True}})
 
 
-def run_demo(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight loading and saving bars, once per run
     out = Path(args.output)
@@ -80,12 +78,12 @@ def run_demo(args: argparse.Namespace) -> dict:
                 train(config, task)
                 _final_eval(done, str(run_dir / "student"), task, held_out, args,
                             extra={"wall_s": time.perf_counter() - began})
-            final = json.loads(done.read_text())
+            final = json.loads(read_utf8(done))
             final["metrics"] = read_metrics(run_dir / METRICS)
             results[method].append(final)
             print(f"{method:>10} seed {seed}: accuracy {final['accuracy']:.3f}")
     report = _report(args, base, results)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _plot(results, base["accuracy"], out / "curves.png")
     print(_table(report))
     print(f"report: {out / 'report.json'}  curves: {out / 'curves.png'}")
@@ -94,16 +92,12 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def _final_eval(path: Path, model_dir: str, task, examples, args, extra: dict | None = None) -> dict:
     if path.is_file():
-        return json.loads(path.read_text())
-    tokenizer = load_tokenizer(model_dir, role="student")
-    model = load_causal_lm(model_dir, role="student")
-    runner = Runner(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name="student",
-                    vocab_size=len(tokenizer))
-    result = evaluate(runner, task, Tokenize(tokenizer), examples, max_new_tokens=args.max_new_tokens,
-                      batch_size=250, progress=not args.no_progress)
+        return json.loads(read_utf8(path))
+    result = evaluate_saved(model_dir, task, examples, max_new_tokens=args.max_new_tokens, batch_size=250,
+                            progress=not args.no_progress).summary()
     result.update(extra or {})
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     temporary.replace(path)
     return result
 

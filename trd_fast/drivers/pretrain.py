@@ -13,30 +13,33 @@ it; the data of step t depends only on (seed, model, t), so a resumed run sees t
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from trd_fast.trainer.protocol import Example
-
-from trd_fast.tasks.generator import ChainConfig, flawed_attempt, parse_problem, random_problem, solution, split_of, values
+from trd_fast.tasks.chain import ChainTask, first_mistakes
+from trd_fast.tasks.generator import (ChainConfig, flawed_attempt, parse_problem, random_problem, solution,
+                                      split_of, values)
 from trd_fast.tasks.model_specs import SPECS, build_config
 from trd_fast.tasks.paths import CHECKPOINTS
-from trd_fast.tasks.chain import ChainTask
 from trd_fast.tasks.tokenizer import build_tokenizer
+from trd_fast.trainer.protocol import Example, Tokenize
+from trd_fast.trainer.rollout.generation import Runner
+from trd_fast.trainer.run.checkpoint import atomic_save, save_model_directory
+from trd_fast.trainer.run.evaluate import Evaluation, evaluate
+from trd_fast.trainer.run.schedule import cosine_lr
 
 # Share of each prompt kind in a model's training batches: (solve, refine, privileged solve, privileged refine).
 MIXES = {"teacher": (0.70, 0.20, 0.05, 0.05), "student": (0.80, 0.06, 0.10, 0.04)}
 DEFAULT_STEPS = {"teacher": 1200, "student": 1500}
 DEFAULT_LR = {"teacher": 1e-3, "student": 3e-3}
+WARMUP_STEPS, MIN_LR_RATIO = 100, 0.1  # the schedule: linear warmup, cosine decay to a tenth of the peak
+EVAL_TOKENS, EVAL_BATCH = 40, 128      # greedy evaluation: tokens per completion, prompts per batch
 
 
-def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=CHECKPOINTS,
                         help="where <model>/ checkpoints are written (default: the package's shipped ones)")
     parser.add_argument("--state-dir", type=Path, default=None,
@@ -89,53 +92,34 @@ def make_batch(tokenizer, pairs):
     return ids, mask, lab
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(total - warmup, 1)
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
+def learning_rate(step: int, total: int, peak: float) -> float:
+    """The rate of 0-based step `step` of `total`: the trainer's cosine schedule with this warmup and floor."""
+    return cosine_lr(step, peak=peak, warmup=WARMUP_STEPS, total=total, min_ratio=MIN_LR_RATIO)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _save_model(model, out: Path) -> None:
-    """save_pretrained into a sibling temp dir, then swap it in."""
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    build_tokenizer().save_pretrained(tmp)  # fresh: no padding state left from evaluation batches
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def greedy(model, tokenizer, task: ChainTask, examples, prompt_of=None) -> Evaluation:
+    """The model's greedy completions of `examples` (student prompts by default), judged by the task."""
+    model.eval()
+    return evaluate(Runner.with_tokenizer(model, tokenizer, name="model"), task, Tokenize(tokenizer), examples,
+                    max_new_tokens=EVAL_TOKENS, prompt_of=prompt_of, batch_size=EVAL_BATCH)
 
 
 def report(name, model, tokenizer, task, count: int) -> str:
-    from .evaluate import evaluate
-
     exs = task.examples("eval", count, seed=0)
-    acc, hist = evaluate(model, tokenizer, task, exs)
-    line = f"{name}: solve {acc:.3f} first-mistake steps {dict(sorted(hist.items(), key=str))}"
+    solved = greedy(model, tokenizer, task, exs)
+    hist = first_mistakes(exs, solved.completions, solved.verdicts)
+    line = f"{name}: solve {solved.accuracy:.3f} first-mistake steps {dict(sorted(hist.items(), key=str))}"
     if name == "teacher":
         rng = random.Random("refine-eval")
         attempts = {e.prompt: flawed_attempt(parse_problem(e.prompt), rng, task.config.modulus)[0] for e in exs}
         refine_prompt = lambda e: task.refine_prompt(e, attempts[e.prompt], privileged=False)
-        racc, _ = evaluate(model, tokenizer, task, exs, prompt_of=refine_prompt)
-        line += f" | refine {racc:.3f}"
+        line += f" | refine {greedy(model, tokenizer, task, exs, prompt_of=refine_prompt).accuracy:.3f}"
     return line
 
 
 def _selection_accuracy(model, tokenizer, task, count: int = 200) -> float:
     """Accuracy on eval-split problems of a seed the reports and tests do not use."""
-    from .evaluate import evaluate
-
-    return evaluate(model, tokenizer, task, task.examples("eval", count, seed=9999))[0]
+    return greedy(model, tokenizer, task, task.examples("eval", count, seed=9999)).accuracy
 
 
 def train_one(name: str, steps: int, lr: float, args, tokenizer, task: ChainTask) -> None:
@@ -143,6 +127,7 @@ def train_one(name: str, steps: int, lr: float, args, tokenizer, task: ChainTask
     from transformers import LlamaForCausalLM
 
     state_path = (args.state_dir or Path.home() / ".cache" / "trd_fast" / "pretrain") / f"{name}-seed{args.seed}.pt"
+    state_path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed * 1000 + sorted(SPECS).index(name))
     model = LlamaForCausalLM(build_config(SPECS[name], tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -161,7 +146,7 @@ def train_one(name: str, steps: int, lr: float, args, tokenizer, task: ChainTask
         pairs = [training_pair(task, rng, MIXES[name]) for _ in range(args.batch_size)]
         ids, mask, labels = make_batch(tokenizer, pairs)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
+            g["lr"] = learning_rate(step, steps, lr)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,19 +158,19 @@ def train_one(name: str, steps: int, lr: float, args, tokenizer, task: ChainTask
         stop = name == "student" and args.student_stop_accuracy > 0 and done % args.stop_check_every == 0 \
             and _selection_accuracy(model, tokenizer, task) >= args.student_stop_accuracy
         if done % args.save_every == 0 or done == steps or stop:
-            _atomic_save({"model": model.state_dict(), "optim": opt.state_dict(), "step": done, "stopped": stop},
-                         state_path)
+            atomic_save({"model": model.state_dict(), "optim": opt.state_dict(), "step": done, "stopped": stop},
+                        state_path)
         if stop:
             tqdm.write(f"{name}: stopped at step {done}, selection accuracy >= {args.student_stop_accuracy}")
             break
         if done % args.eval_every == 0 and done < steps:
             tqdm.write(f"step {done}: {report(name, model, tokenizer, task, args.eval_count)}")
-    _save_model(model, args.output_dir / name)
+    save_model_directory(model, build_tokenizer(), args.output_dir / name)  # a fresh tokenizer: no padding state
     print(f"{name}: saved to {args.output_dir / name} ({time.time() - t0:.0f}s this run)")
     print(report(name, model, tokenizer, task, args.eval_count))
 
 
-def run_pretrain(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
     task = ChainTask(ChainConfig())
@@ -197,8 +182,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    parser = add_pretrain_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    run_pretrain(parser.parse_args(argv))
+    parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

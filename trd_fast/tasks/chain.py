@@ -1,13 +1,14 @@
-"""The chain task in the trainer's protocol: prompt formats, the verifier, the example splits."""
+"""The chain task in the trainer's protocol: prompt formats, the verifier, the example splits; and where a
+failed solution first went wrong."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from trd_fast.tasks.generator import STEP_TOKENS, ChainConfig, problems, solution, values
 from trd_fast.trainer.protocol import Example
-
-from trd_fast.tasks.generator import ChainConfig, problems, solution, values
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,18 @@ class ChainTask:
         m = self.config.modulus
         return [Example(prompt=p.text(), solution=solution(p, m), answer=str(values(p, m)[-1]))
                 for p in problems(split, count, seed, self.config)]
+
+
+def first_mistake_step(completion: str, reference: str) -> int | None:
+    """Index of the step holding the first token that differs from the reference; None if identical."""
+    got, ref = completion.split(), reference.split()
+    for t, (g, r) in enumerate(zip(got, ref)):
+        if g != r:
+            return t // STEP_TOKENS
+    return None if len(got) == len(ref) else min(len(got), len(ref)) // STEP_TOKENS
+
+
+def first_mistakes(examples: Sequence[Example], completions: Sequence[str],
+                   verdicts: Sequence[bool | None]) -> Counter:
+    """Over the completions the verifier did not pass: how many first went wrong at each step."""
+    return Counter(first_mistake_step(c, e.solution) for e, c, ok in zip(examples, completions, verdicts) if not ok)

@@ -1,12 +1,14 @@
 """The task protocol the trainer speaks: prompts, refine prompts, a verifier. Tasks implement it; the trainer
-imports none of them (the cli wires one in)."""
+imports none of them (tasks/registry.py picks one for a run). Tokenize turns the task's texts into the ids the
+trainer feeds."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -14,6 +16,7 @@ class Example:
     prompt: str                  # the problem as the task states it (not yet templated)
     solution: str | None = None  # a reference solution: the privileged information of a self-teacher (OPSD)
     answer: str | None = None    # the final answer the verifier checks against
+    origin: str = ""             # where it was read (e.g. "train.jsonl:6"), for error messages; "" if generated
 
 
 class Task(Protocol):
@@ -35,3 +38,16 @@ class Task(Protocol):
 
     def examples(self, split: str, count: int, seed: int) -> Sequence[Example]:
         """`count` examples of `split` ("train" or "eval"), the same for the same seed."""
+
+
+class Tokenize:
+    """Text -> 1-D int64 ids, and completion ids -> text, with one tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> Tensor:
+        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.int64)
+
+    def text(self, ids: Tensor) -> str:
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)

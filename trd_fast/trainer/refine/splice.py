@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 import trd_fast
-
 from trd_fast.trainer.rollout.generation import Rollout, Runner, resolve_row_ids
 from trd_fast.trainer.rollout.kv_cache import CachedBatch, realign
 from trd_fast.trainer.rollout.sampling import SamplingConfig
@@ -62,9 +61,8 @@ def splice(teacher: Runner, contexts: Sequence[Tensor], rollout: Rollout, signal
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     rows = resolve_row_ids(row_ids, len(contexts))
-    tokens = rollout.tokens.to(teacher.device)                                           # [B, L]
-    y_o = [tokens[b, :n] for b, n in enumerate(rollout.lengths.tolist())]
-    scoring = _score(teacher, contexts, y_o, tokens.shape[1], signal_fn, threshold, window, chunk, rows)
+    y_o = [y.to(teacher.device) for y in rollout.rows()]
+    scoring = _score(teacher, contexts, y_o, rollout.tokens.shape[1], signal_fn, threshold, window, chunk, rows)
     failed = scoring.cut < rollout.lengths.to(teacher.device)
     y_r, targets = _continue(teacher, contexts, y_o, scoring, failed, sampling, generator, rows, progress)
     return Splice(cut=scoring.cut, failed=failed, tokens=y_r, targets=targets, signal=scoring.signal,
@@ -158,7 +156,7 @@ def _continue(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], scorin
                          for i in needs.tolist()])
         scoring.caches.clear()  # the scoring caches go before decoding starts
         budget = torch.full_like(trace.lengths, sampling.max_new_tokens)
-        teacher.decode(state, trace, needs, last, budget, sampling, generator, True, progress)
+        teacher.decode(state, trace, needs, last, budget, sampling, generator, capture=True, progress=progress)
     drawn_tokens, drawn_logits = trace.tokens(teacher.pad_id), trace.take_logits(targets[fails[0]].shape[-1])
     for i, (b, n, k) in enumerate(zip(fails, trace.lengths.tolist(), scoring.cut[fails].tolist())):
         y_r[b] = torch.cat([y_o[b][:k], drawn_tokens[i, :n]])

@@ -12,9 +12,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import trd_fast
-
 from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
-from trd_fast.trainer.rollout.kv_cache import CachedBatch, check_full_attention
+from trd_fast.trainer.rollout.kv_cache import CACHE_KEYWORD, CachedBatch, check_filled, check_full_attention
 from trd_fast.trainer.rollout.sampling import SamplingConfig, sample
 from trd_fast.trainer.rollout.trace import Trace
 
@@ -29,18 +28,28 @@ class Rollout:
     logits: Tensor | None    # [B, M, V] fp32 raw logits that produced each token (before sampling filters)
     finished: Tensor         # [B] bool: stopped on EOS
 
+    def rows(self) -> list[Tensor]:
+        """Each row's generated tokens, 1-D int64 of its length."""
+        return [self.tokens[b, :n] for b, n in enumerate(self.lengths.tolist())]
+
 
 class Runner:
     """Every forward of one model goes through it (so counters and the ledger see them all)."""
 
     def __init__(self, model, *, pad_id: int, eos_id: int, name: str, vocab_size: int | None = None):
-        self.model = model            # a causal LM taking input_ids, attention_mask, position_ids, cache
+        self.model = model            # a causal LM taking input_ids, attention_mask, position_ids, the KV cache
         self.pad_id = pad_id          # fills rows after their end, and padding slots
         self.eos_id = eos_id          # ends a row
         self.name = name              # for messages
         self.vocab_size = vocab_size  # sample only ids below it (the tokenizer's size), None: every logit column
         self.counters = TokenCounters()
         self.ledger = Ledger()
+
+    @classmethod
+    def with_tokenizer(cls, model, tokenizer, *, name: str) -> Runner:
+        """A Runner with the tokenizer's pad and eos ids that samples only ids the tokenizer has."""
+        return cls(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name=name,
+                   vocab_size=len(tokenizer))
 
     @property
     def device(self) -> torch.device:
@@ -63,13 +72,14 @@ class Runner:
         logits, state = self.prefill(rows, contexts, keep=1)                # [B, 1, V]
         trace = Trace(len(contexts), self.device)
         everyone = torch.arange(len(contexts), device=self.device)
-        tokens = self.draw(trace, everyone, logits[:, -1], sampling, generator, capture_logits)
+        tokens = self.draw(trace, everyone, logits[:, -1], sampling, generator, capture=capture_logits)
         going = (tokens != self.eos_id) & (trace.lengths < sampling.max_new_tokens)
         alive = going.nonzero()[:, 0]
         if len(alive) < len(contexts):
             state = state.select(alive)
         budget = torch.full_like(trace.lengths, sampling.max_new_tokens)
-        self.decode(state, trace, alive, tokens, budget, sampling, generator, capture_logits, progress)
+        self.decode(state, trace, alive, tokens, budget, sampling, generator, capture=capture_logits,
+                    progress=progress)
         generated = trace.tokens(self.pad_id)                               # [B, M]
         lengths = trace.lengths.tolist()
         self.account_decode(rows, [torch.cat([x, y[:n - 1]]) for x, y, n in zip(contexts, generated, lengths)],
@@ -117,8 +127,10 @@ class Runner:
                 DynamicCache(config=self.model.config), self.name)
         positions = past.sum(-1, keepdim=True) + (fed.cumsum(-1) - 1).clamp(min=0)        # [B, W]
         mask = torch.cat([past, fed], dim=1)                                                # [B, S + W]
-        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, **{CACHE_KEYWORD: cache},
                          use_cache=use_cache, logits_to_keep=keep)
+        if use_cache:
+            check_filled(cache, mask.shape[1], self.name)
         history = history if history is not None else [h[:0] for h in heads]
         sequences = [torch.cat([p, h, t]) for p, h, t in zip(history, heads, tails)]
         counts = self.ledger.feed(rows, sequences, [len(p) for p in history])
@@ -129,7 +141,8 @@ class Runner:
         return out.logits.float(), (CachedBatch(cache, mask) if use_cache else None)
 
     def decode(self, state: CachedBatch, trace: Trace, alive: Tensor, pending: Tensor, budget: Tensor,
-               sampling: SamplingConfig, generator: torch.Generator, capture: bool, progress: str | None) -> None:
+               sampling: SamplingConfig, generator: torch.Generator, *, capture: bool,
+               progress: str | None) -> None:
         """Feed every alive row (indices [A] into the trace; `state` holds them in that order) its pending token
         (pending [R]), sample its next one into the trace, and repeat until each row stopped at EOS or at its
         budget (budget [R]: the trace length it may reach). The caller accounts the fed tokens in the ledger."""
@@ -140,11 +153,12 @@ class Runner:
             slot = torch.ones(len(alive), 1, dtype=torch.bool, device=self.device)
             mask = torch.cat([state.mask, slot], dim=1)                                       # [A, S + 1]
             out = self.model(input_ids=pending[alive][:, None], attention_mask=mask.long(),
-                             position_ids=state.lengths[:, None], cache=state.cache, use_cache=True)
+                             position_ids=state.lengths[:, None], **{CACHE_KEYWORD: state.cache}, use_cache=True)
+            check_filled(state.cache, mask.shape[1], self.name)
             state = CachedBatch(state.cache, mask)
             self.counters.decode_tokens += len(alive)
             self.counters.forwards += 1
-            tokens = self.draw(trace, alive, out.logits[:, -1].float(), sampling, generator, capture)
+            tokens = self.draw(trace, alive, out.logits[:, -1].float(), sampling, generator, capture=capture)
             pending[alive] = tokens
             going = (tokens != self.eos_id) & (trace.lengths[alive] < budget[alive])
             if not bool(going.all()):
@@ -154,7 +168,7 @@ class Runner:
         bar.close()
 
     def draw(self, trace: Trace, rows: Tensor, logits: Tensor, sampling: SamplingConfig,
-             generator: torch.Generator, capture: bool) -> Tensor:
+             generator: torch.Generator, *, capture: bool) -> Tensor:
         """Sample one token for each of rows [A] from raw logits [A, V] and record it in the trace."""
         tokens = sample(logits, sampling, generator, self.vocab_size)                       # [A]
         trace.add(rows, tokens, trd_fast.token_logprobs(logits, tokens), logits if capture else None, self.eos_id)

@@ -7,9 +7,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import transformers
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from trd_fast.dependencies import release
+
+# The forward keyword that takes the KV cache: transformers 5.24 renamed past_key_values to cache (the old name
+# warns from 5.24 and is due to go in 5.40). check_filled catches a model that ignores the cache it was passed.
+CACHE_KEYWORD = "cache" if release(transformers.__version__) >= (5, 24, 0) else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,16 @@ def realign(parts: Sequence[tuple[CachedBatch, int, int]]) -> CachedBatch:
             kv.append(torch.where(valid[:, None, :, None], picked, 0))
         gathered.append(tuple(kv))
     return CachedBatch(DynamicCache(gathered), valid)
+
+
+def check_filled(cache: DynamicCache, slots: int, who: str) -> None:
+    """RuntimeError naming `who` unless `cache` holds `slots` positions (the mask width) after a forward that was
+    passed it as CACHE_KEYWORD: a model that left it unfilled would decode without its context."""
+    held = cache.get_seq_length()
+    if held != slots:
+        raise RuntimeError(f"{who}: the model did not fill the KV cache passed as {CACHE_KEYWORD}= ({held} positions "
+                           f"cached, {slots} expected) under transformers {transformers.__version__}; "
+                           f"see trd_fast.dependencies for the supported versions")
 
 
 def check_full_attention(cache: DynamicCache, who: str) -> DynamicCache:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from trd_fast.trainer.run.config import TrainConfig
+from trd_fast.dependencies import check_version
 from trd_fast.trainer.rollout.generation import Runner
+from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.loading import check_tokenizers_agree, load_causal_lm, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,10 +63,9 @@ def build_engine(config: TrainConfig) -> Engine:
     softcapped = getattr(student.config, "final_logit_softcapping", None)
     if softcapped:
         warnings.warn("the student's logits are soft-capped: the loss keeps its gradient out of place", stacklevel=2)
-    pad, eos, vocab = tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)
-    return Engine(student_model=student, tokenizer=tokenizer,  # sampling stays inside the tokenizer's ids
-                  student=Runner(student, pad_id=pad, eos_id=eos, name="student", vocab_size=vocab),
-                  teacher=Runner(teacher, pad_id=pad, eos_id=eos, name="teacher", vocab_size=vocab),
+    return Engine(student_model=student, tokenizer=tokenizer,
+                  student=Runner.with_tokenizer(student, tokenizer, name="student"),
+                  teacher=Runner.with_tokenizer(teacher, tokenizer, name="teacher"),
                   inplace_backward=not softcapped)
 
 
@@ -74,6 +74,7 @@ def _with_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
         import peft
     except ImportError:
         raise ImportError("model.lora_rank > 0 needs peft: pip install 'trd_fast[lora]'") from None
+    check_version("peft", peft.__version__, "model.lora_rank > 0")
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:

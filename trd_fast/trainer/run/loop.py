@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
-import warnings
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -14,30 +13,26 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint
+from trd_fast.trainer.protocol import Task, Tokenize
+from trd_fast.trainer.refine.modes import build_batch
+from trd_fast.trainer.refine.request import BatchRequest
+from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model_directory
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.engine import Engine, build_engine
-from trd_fast.trainer.rollout.generation import Runner, SamplingConfig
+from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate
+from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, plot_curves, read_metrics
-from trd_fast.trainer.refine.batch import Tokenize, build_batch, rows_of
+from trd_fast.trainer.run.schedule import cosine_schedule
 from trd_fast.trainer.train.step import train_on
-from trd_fast.trainer.protocol import Example, Task
-
-
-EVAL_SEED = 0  # the held-out problems do not change with the run's seed
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def epoch_order(epoch: int, count: int, seed: int) -> torch.Tensor:
+    """The order in which epoch `epoch` visits `count` examples: [count] int64, seeded."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
 def batch_positions(step: int, batch_size: int, count: int, seed: int) -> list[int]:
@@ -48,39 +43,34 @@ def batch_positions(step: int, batch_size: int, count: int, seed: int) -> list[i
     for p in positions:
         epoch = p // count
         if epoch not in orders:
-            orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            orders[epoch] = epoch_order(epoch, count, seed)
         rows.append(int(orders[epoch][p % count]))
     return rows
 
 
-def evaluate(runner: Runner, task: Task, tokenize: Tokenize, examples: Sequence[Example], *,
-             max_new_tokens: int, batch_size: int = 64, progress: bool = False) -> dict[str, float]:
-    """Greedy student completions on `examples`: verifier accuracy and mean completion length."""
-    greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
-    correct, lengths = [], []
-    bar = tqdm(total=len(examples), desc="eval", disable=not progress, leave=False)
-    for lo in range(0, len(examples), batch_size):
-        chunk = examples[lo:lo + batch_size]
-        rollout = runner.generate([tokenize(task.student_prompt(e)) for e in chunk], greedy,
-                                  generator=torch.Generator().manual_seed(0), capture_logits=False)
-        for e, y in zip(chunk, rows_of(rollout)):
-            verdict = task.verify(e, tokenize.text(y))
-            if verdict is not None:
-                correct.append(float(verdict))
-            lengths.append(len(y))
-        bar.update(len(chunk))
-    bar.close()
-    return {"accuracy": sum(correct) / len(correct) if correct else float("nan"),
-            "mean_len": sum(lengths) / max(1, len(lengths)), "problems": len(examples)}
+def rows_fed(steps: int, batch_size: int, count: int, seed: int) -> list[int]:
+    """The distinct dataset indices that `steps` steps of `batch_positions` visit, in increasing order."""
+    total = steps * batch_size
+    return list(range(count)) if total >= count else sorted(epoch_order(0, count, seed)[:total].tolist())
 
 
 def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list[dict]:
     """Run (or resume) training as configured; returns the metrics records of the whole run."""
-    out = Path(config.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     torch.manual_seed(config.run.seed)
     engine = engine or build_engine(config)
+    train_examples = task.examples("train", config.data.train_examples, config.run.seed)
+    eval_examples = task.examples("eval", config.data.eval_examples, EVAL_SEED)
+    contexts = dict(student_context=context_length(engine.student_model),
+                    teacher_context=context_length(engine.teacher.model))
+    check_examples(config, task, engine.tokenizer, train_examples, split="train", with_teacher=True,
+                   rows=rows_fed(config.optim.steps, config.optim.batch_size, len(train_examples), config.run.seed),
+                   **contexts)
+    if config.run.eval_every:
+        check_examples(config, task, engine.tokenizer, eval_examples, split="eval", with_teacher=False, **contexts)
+    out = Path(config.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
+                                     encoding="utf-8")
     model, o = engine.student_model, config.optim
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=o.lr, weight_decay=o.weight_decay)
@@ -91,8 +81,6 @@ def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list
         start = load_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator) or 0
     log = MetricsLog(out, start)
     tokenize = Tokenize(engine.tokenizer)
-    train_examples = task.examples("train", config.data.train_examples, config.run.seed)
-    eval_examples = task.examples("eval", config.data.eval_examples, EVAL_SEED)
     epistemic = _token_ids(engine.tokenizer, config.distill.epistemic_tokens)
 
     for step in tqdm(range(start, o.steps), desc=f"train {config.distill.mode}", initial=start, total=o.steps,
@@ -101,7 +89,7 @@ def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list
                            epistemic)
         if config.run.eval_every and (step + 1) % config.run.eval_every == 0:
             record["eval_accuracy"] = evaluate(engine.student, task, tokenize, eval_examples,
-                                               max_new_tokens=config.rollout.max_new_tokens)["accuracy"]
+                                               max_new_tokens=config.rollout.max_new_tokens).accuracy
         log.write(record)
         last = step + 1 == o.steps
         if last or (config.run.checkpoint_every and (step + 1) % config.run.checkpoint_every == 0):
@@ -121,10 +109,9 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     rows = batch_positions(step, config.optim.batch_size, len(examples), config.run.seed)
     engine.student.new_step()
     engine.teacher.new_step()
-    phases: dict[str, float] = {}
     engine.student_model.eval()
-    batch = build_batch(config, task, tokenize, [examples[r] for r in rows], engine.student, engine.teacher,
-                        generator, rows, phases, clock)
+    batch, times = build_batch(BatchRequest(config, task, tokenize, engine.student, engine.teacher, generator,
+                                            [examples[r] for r in rows], rows))
 
     started = clock()
     engine.student_model.train()
@@ -139,7 +126,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     lr = scheduler.get_last_lr()[0]  # the rate this step used
     optimizer.step()
     scheduler.step()
-    phases["train"] = clock() - started
+    train_s = clock() - started
     wall = clock() - began
 
     s, t = engine.student.counters, engine.teacher.counters
@@ -148,7 +135,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
               "grad_norm": float(grad_norm), "lr": lr,
               "sparse_targets": result.sparse_targets, "step_s": wall,
               "trained_tokens_per_s": result.tokens / wall,
-              **{f"{name}_s": seconds for name, seconds in phases.items()},
+              "rollout_s": times.rollout, "refine_s": times.refine, "train_s": train_s,
               "student_prefill_tokens": s.prefill_tokens, "student_decode_tokens": s.decode_tokens,
               "teacher_prefill_tokens": t.prefill_tokens, "teacher_decode_tokens": t.decode_tokens,
               "teacher_tokens": t.prefill_tokens + t.decode_tokens,
@@ -174,11 +161,6 @@ def _token_ids(tokenizer, words: Sequence[str]) -> torch.Tensor:
 
 def _save_student(model, tokenizer, directory: Path) -> None:
     """The trained student as a plain model directory (LoRA adapters merged into a copy of the weights)."""
-    temporary = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    shutil.rmtree(directory, ignore_errors=True)
-    temporary.rename(directory)
+    save_model_directory(model, tokenizer, directory)

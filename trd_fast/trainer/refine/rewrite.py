@@ -1,0 +1,30 @@
+"""trd (the paper's refinement): the teacher rewrites each rollout y_o into y_r from a refine prompt holding it;
+the student trains on (x, y_r) against the logits the teacher produced while generating y_r (no re-scoring)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from trd_fast.trainer.refine.request import BatchRequest, PhaseTimes, student_rollout
+from trd_fast.trainer.refine.stats import refinement_stats
+from trd_fast.trainer.train.batch import Batch
+
+
+def rewrite_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
+    """The trd batch of the request's examples (every y_r token weighted 1) and the time of each phase."""
+    student = student_rollout(request, capture_logits=False)
+    tokenize, y_o = request.tokenize, student.y_o
+    start = time.perf_counter()
+    refine_contexts = [tokenize(request.task.refine_prompt(e, tokenize.text(y), request.privileged))
+                       for e, y in zip(request.examples, y_o)]
+    rewrite = request.teacher.generate(refine_contexts, request.teacher_sampling(), generator=request.generator,
+                                       capture_logits=True, progress=request.progress("rewrite"),
+                                       row_ids=request.row_ids)
+    y_r = rewrite.rows()
+    targets = [rewrite.logits[b, :len(y)] for b, y in enumerate(y_r)]
+    weights = [torch.ones(len(y)) for y in y_r]
+    times = PhaseTimes(rollout=student.seconds, refine=time.perf_counter() - start)
+    stats = refinement_stats(request.task, tokenize, request.examples, y_o, y_r)
+    return Batch(student.contexts, y_r, targets, weights, y_o, None, stats), times
