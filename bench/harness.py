@@ -278,6 +278,15 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def release_gradient_buffers() -> None:
+    """Frees the large gradient buffers trd_fast._C keeps for reuse (nothing to do without the extension)."""
+    try:
+        from trd_fast import _C
+    except ImportError:
+        return
+    _C.release_gradient_buffers()
+
+
 def extension_isa() -> str | None:
     """trd_fast._C.cpu_isa() (the SIMD level the C++ kernels were built for), or None if not built."""
     try:

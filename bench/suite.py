@@ -213,6 +213,8 @@ class Workspace:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
+        else:
+            harness.release_gradient_buffers()
 
     def inputs_skip(self, case: Case) -> str | None:
         """A reason the case's inputs (student, teacher, a pristine copy) would not fit, else None."""
@@ -301,7 +303,13 @@ def new_document(kind: str, device: str, bandwidth: dict, settings: dict) -> dic
             "timed_call": "loss = fn(student, teacher); torch.autograd.grad(loss, student) (fwd+bwd rows); "
                           "under torch.no_grad (fwd rows); inputs N(0, 4), fixed seed; in-place rows restore the "
                           "student logits before each round, untimed",
-            "settings": settings, "notes": [], "cases": []}
+            "settings": settings, "notes": [CPU_GRADIENT_REUSE] if device == "cpu" else [], "cases": []}
+
+
+CPU_GRADIENT_REUSE = ("trd_fast[cpp] fresh-gradient rows: the C++ backward hands a large gradient the buffer of one "
+                      "freed earlier (the previous round's), so from the second call on it allocates nothing and "
+                      "its extra peak reads 0; one N V b gradient stays resident between calls "
+                      "(trd_fast._C.release_gradient_buffers() frees it; the bench does between cases)")
 
 
 def add_row(document: dict, case: Case, row: dict) -> None:
