@@ -9,10 +9,11 @@ Conventions of every kernel in this package:
   (a float kernel argument is fp32): hi + lo in fp64 carries ~48 bits of x, hi alone is x in fp32.
 - Logits are scaled by u = 1 / T only inside an fma with a row shift, z = u x - c (`online_logsumexp`), so that
   u x is never rounded on its own. A row's running sums are fp64 scalars (one fp64 add per tile): kept in fp32,
-  their rescalings and tile additions alone cost a few ulp of S, and so of every p. Row log-normalisers c + log S saved for a backward sweep are fp64 (exact for
-  fp32 parts) and split as lse = hi + lo (`split_stat`): with z = fma(x, u, -hi), log p = z - lo is rounded
-  relative to |log p| and not to |lse| (an fp32 lse near 1e4 is off by up to 5e-4), and p = exp(z) exp(-lo)
-  carries no rounding of log p either (that of |log p| ~ 10 would be ~4 ulp of p).
+  their rescalings and tile additions alone cost a few ulp of S, and so of every p.
+- Row log-normalisers c + log S saved for a backward sweep are fp64 (exact for fp32 parts) and split as
+  lse = hi + lo (`split_stat`): with z = fma(x, u, -hi), log p = z - lo is rounded relative to |log p| and not
+  to |lse| (an fp32 lse near 1e4 is off by up to 5e-4), and p = exp(z) exp(-lo) carries no rounding of log p
+  either (that of |log p| ~ 10 would be ~4 ulp of p).
 """
 
 import numpy as np
@@ -78,6 +79,13 @@ def online_logsumexp(x, inv_t, m, s):
 
 
 @triton.jit
+def exponent_and_log_prob(x, inv_t, hi, lo):
+    """For raw logits x of a row whose log-normaliser is hi + lo: z = u x - hi (one fma) and log p = z - lo."""
+    z = tl.fma(x, inv_t, -hi)
+    return z, z - lo
+
+
+@triton.jit
 def save_stat(shift, log_s):
     """A log-normaliser c + log S as the fp64 row statistic (exact for fp32 c and log S)."""
     return shift.to(tl.float64) + log_s.to(tl.float64)
@@ -86,11 +94,10 @@ def save_stat(shift, log_s):
 @triton.jit
 def split_stat(stat, FP64: tl.constexpr):
     """A saved fp64 row statistic as (hi, lo, exp(-lo)) in the compute dtype, hi + lo = stat (lo = 0 in fp64)."""
-    if FP64:
-        return stat, tl.zeros((), tl.float64), tl.full((), 1.0, tl.float64)
-    hi = stat.to(tl.float32)
+    dt = tl.float64 if FP64 else tl.float32
+    hi = stat.to(dt)
     lo = tl.where(stat == hi.to(tl.float64), 0.0, stat - hi.to(tl.float64))
-    return hi, lo.to(tl.float32), tl.exp(-lo).to(tl.float32)
+    return hi, lo.to(dt), tl.exp(-lo).to(dt)
 
 
 @triton.jit

@@ -17,8 +17,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from trd_fast import constants
-from trd_fast.kernels.common import (cast_for_store, hyper, log_mixture, online_logsumexp, rescale, row_offset,
-                                     save_stat, shift_of, split, split_stat, xlogratio)
+from trd_fast.kernels.common import (cast_for_store, exponent_and_log_prob, hyper, log_mixture, online_logsumexp,
+                                     rescale, row_offset, save_stat, shift_of, split, split_stat, xlogratio)
 from trd_fast.kernels.configs import STREAM_PRUNE, stream_configs
 
 FORWARD_KL = tl.constexpr(constants.FORWARD_KL)
@@ -86,6 +86,8 @@ def _divergence_forward_kernel(
     shift_b = shift_of(m_b, inv_t)
     log_s_a = tl.log(s_a)
     log_s_b = tl.log(s_b)
+    tl.store(stats_ptr + 3 * r, save_stat(shift_a, log_s_a))
+    tl.store(stats_ptr + 3 * r + 1, save_stat(shift_b, log_s_b))
 
     if KIND == FORWARD_KL:
         value = w / s_b + (log_s_a - log_s_b)
@@ -108,10 +110,8 @@ def _divergence_forward_kernel(
             mask = cols < V_common
             x_s = tl.load(student_row + cols * s_student_v, mask=mask, other=float("-inf")).to(dt)
             x_t = tl.load(teacher_row + cols * s_teacher_v, mask=mask, other=float("-inf")).to(dt)
-            z_a = tl.fma(x_s, inv_t, -shift_a)
-            z_b = tl.fma(x_t, inv_t, -shift_b)
-            log_p = z_a - log_s_a_dt
-            log_q = z_b - log_s_b_dt
+            z_a, log_p = exponent_and_log_prob(x_s, inv_t, shift_a, log_s_a_dt)
+            z_b, log_q = exponent_and_log_prob(x_t, inv_t, shift_b, log_s_b_dt)
             log_m = log_mixture(log_p, log_q, log_1m_beta, log_beta)
             kl_q += tl.sum(xlogratio(tl.exp(z_b) * inv_s_b, log_q - log_m), 0).to(tl.float64)
             kl_p += tl.sum(xlogratio(tl.exp(z_a) * inv_s_a, log_p - log_m), 0).to(tl.float64)
@@ -119,8 +119,6 @@ def _divergence_forward_kernel(
         k = kl_p
 
     tl.store(value_ptr + r, value.to(tl.float32))
-    tl.store(stats_ptr + 3 * r, save_stat(shift_a, log_s_a))
-    tl.store(stats_ptr + 3 * r + 1, save_stat(shift_b, log_s_b))
     tl.store(stats_ptr + 3 * r + 2, k)
 
 
@@ -181,10 +179,8 @@ def _divergence_backward_kernel(
         common = cols < live_columns
         x_s = tl.load(student_row + cols * s_student_v, mask=common, other=float("-inf")).to(dt)
         x_t = tl.load(teacher_row + cols * s_teacher_v, mask=common, other=float("-inf")).to(dt)
-        z_a = tl.fma(x_s, inv_t, -lse_a_hi)
-        z_b = tl.fma(x_t, inv_t, -lse_b_hi)
-        log_p = z_a - lse_a_lo
-        log_q = z_b - lse_b_lo
+        z_a, log_p = exponent_and_log_prob(x_s, inv_t, lse_a_hi, lse_a_lo)
+        z_b, log_q = exponent_and_log_prob(x_t, inv_t, lse_b_hi, lse_b_lo)
         p = tl.exp(z_a) * exp_neg_lo_a
         if KIND == FORWARD_KL:
             d = p - tl.exp(z_b) * exp_neg_lo_b
