@@ -1,13 +1,16 @@
 """One training step of each mode on the shipped task's models and the same batch: time per phase and the
-token counters (teacher prefill and decode apart, re-scoring forwards).
+token counters (teacher prefill, decode and draft tokens apart, forwards, draft acceptance, re-scoring forwards).
 
     .venv/bin/python -m bench.engine_step            # -> bench/results/engine-cpu.json, table on stdout
     .venv/bin/python -m bench.engine_step --smoke    # 1 repeat, small batch (JSON to the temp dir)
 
-Each mode runs `repeats` single-step trainings from the shipped student on the same prompts and the same
-sampling seed (so the same rollouts y_o); times are medians over the repeats, counters come from the last
-(they are the same in every repeat: the runs are deterministic). The targets this checks: trd and trd_splice
-do no teacher re-scoring forward; trd_splice processes at most half the teacher tokens of trd.
+Each run trains `repeats` single steps from the shipped student on the same prompts and the same sampling seed
+(so the same rollouts y_o; the greedy teacher writes the same y_r with or without drafts); times are medians over
+the repeats, counters come from the last (they are the same in every repeat: the runs are deterministic). trd
+runs with plain decoding and with drafts of several lengths (the default length is chosen from them), trd_splice
+with plain decoding and with the default drafts. The targets this checks: no mode re-scores with the teacher;
+drafted trd needs at most 1/3 of plain decoding's teacher forwards and at most 1.25x opd's step time; the
+drafted splice is no slower than the plain one.
 """
 
 from __future__ import annotations
@@ -22,33 +25,44 @@ import torch
 from bench import harness
 from trd_fast.tasks import ChainTask, checkpoint_dir
 from trd_fast.trainer.run import loop
-from trd_fast.trainer.run.config import from_dict
+from trd_fast.trainer.run.config import DistillConfig, from_dict
 
-RUNS = (("opd", 0), ("trd", 0), ("trd_splice", 0), ("trd_splice", 4), ("trd_splice", 1))  # (mode, scoring chunk)
+DRAFT = DistillConfig().draft_tokens
+TRD_DRAFTS = (0, 2, 4, 8, 16)                     # trd's draft lengths measured (0: plain decoding)
+RUNS = (("opd", 0, 0), *(("trd", 0, d) for d in TRD_DRAFTS),
+        ("trd_splice", 4, 0), ("trd_splice", 4, DRAFT), ("trd_splice", 0, DRAFT), ("trd_splice", 1, DRAFT))
 PHASES = ("rollout_s", "refine_s", "train_s", "step_s")
 COUNTERS = ("student_prefill_tokens", "student_decode_tokens", "teacher_prefill_tokens", "teacher_decode_tokens",
-            "teacher_tokens", "teacher_forwards", "teacher_rescore_forwards", "trained_tokens", "y_o_len",
-            "y_r_len", "failure_rate", "splice_position")
+            "teacher_draft_tokens", "teacher_accepted_tokens", "teacher_acceptance", "teacher_tokens",
+            "teacher_forwards", "teacher_rescore_forwards", "trained_tokens", "y_o_len", "y_r_len", "failure_rate",
+            "splice_position")
 
 
-def step_config(mode: str, out: Path, batch_size: int, chunk: int):
-    """One step from the shipped student; the same prompts and sampling seed for every mode."""
+def step_config(mode: str, out: Path, batch_size: int, chunk: int, draft: int):
+    """One step from the shipped student; the same prompts and sampling seed for every run."""
     return from_dict({
         "model": {"student": str(checkpoint_dir("student")), "teacher": str(checkpoint_dir("teacher"))},
         "data": {"task": "chain", "train_examples": batch_size},
-        "distill": {"mode": mode, "splice_chunk": chunk},
+        "distill": {"mode": mode, "splice_chunk": chunk, "draft_tokens": draft},
         "optim": {"steps": 1, "batch_size": batch_size},
         "run": {"output_dir": str(out), "progress": False, "checkpoint_every": 0, "resume": False,
                 "save_student": False}})
 
 
-def measure(mode: str, chunk: int, repeats: int, batch_size: int) -> dict:
+def run_name(mode: str, chunk: int, draft: int) -> str:
+    drafting = f"drafts of {draft}" if draft else "plain decoding"
+    if mode == "trd_splice":
+        return f"trd_splice ({f'chunk {chunk}' if chunk else 'one pass'}, {drafting})"
+    return f"trd ({drafting})" if mode == "trd" else mode
+
+
+def measure(mode: str, chunk: int, draft: int, repeats: int, batch_size: int) -> dict:
     records = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as out:
-            records.append(loop.train(step_config(mode, Path(out), batch_size, chunk), ChainTask())[-1])
-    name = f"{mode} (chunk {chunk})" if mode == "trd_splice" and chunk else mode
-    row = {"mode": name, "splice_chunk": chunk, **{k: statistics.median(r[k] for r in records) for k in PHASES}}
+            records.append(loop.train(step_config(mode, Path(out), batch_size, chunk, draft), ChainTask())[-1])
+    row = {"mode": run_name(mode, chunk, draft), "splice_chunk": chunk, "draft_tokens": draft,
+           **{k: statistics.median(r[k] for r in records) for k in PHASES}}
     row.update({k: records[-1].get(k) for k in COUNTERS})
     return row
 
@@ -61,27 +75,44 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     batch, repeats = (4, 1) if args.smoke else (args.batch_size, args.repeats)
-    rows = [measure(mode, chunk, repeats, batch) for mode, chunk in RUNS]
-    by_mode = {r["mode"]: r for r in rows}
-    trd_tokens = max(1, by_mode["trd"]["teacher_tokens"])
+    rows = [measure(mode, chunk, draft, repeats, batch) for mode, chunk, draft in RUNS]
+    by_name = {r["mode"]: r for r in rows}
+    opd, plain_trd = by_name["opd"], by_name[run_name("trd", 0, 0)]
+    drafted_trd = by_name[run_name("trd", 0, DRAFT)]
+    plain_splice, drafted_splice = by_name[run_name("trd_splice", 4, 0)], by_name[run_name("trd_splice", 4, DRAFT)]
     document = {
         "machine": harness.machine("cpu"),
         "setup": {"task": "chain", "models": "shipped teacher and student (trd_fast/tasks/checkpoints)",
-                  "batch_size": batch, "repeats": repeats, "dtype": "float32", "threads": 2},
+                  "batch_size": batch, "repeats": repeats, "dtype": "float32", "threads": 2,
+                  "default_draft_tokens": DRAFT},
         "rows": rows,
         "checks": {
             "rescore_forwards": {r["mode"]: r["teacher_rescore_forwards"] for r in rows},
-            "teacher_tokens_over_trd": {r["mode"]: r["teacher_tokens"] / trd_tokens for r in rows},
+            "teacher_tokens_over_trd": {r["mode"]: r["teacher_tokens"] / max(1, plain_trd["teacher_tokens"])
+                                        for r in rows},
+            "trd_forwards_over_plain_decoding": {
+                r["mode"]: r["teacher_forwards"] / plain_trd["teacher_forwards"] for r in rows
+                if r["mode"].startswith("trd (")},
+            "trd_step_over_opd": {r["mode"]: r["step_s"] / opd["step_s"] for r in rows
+                                  if r["mode"].startswith("trd (")},
+            "targets": {
+                "drafted trd forwards <= 1/3 of plain decoding":
+                    drafted_trd["teacher_forwards"] <= plain_trd["teacher_forwards"] / 3,
+                "drafted trd step <= 1.25x opd": drafted_trd["step_s"] <= 1.25 * opd["step_s"],
+                "drafted trd_splice step <= plain trd_splice": drafted_splice["step_s"] <= plain_splice["step_s"],
+            },
         },
     }
     path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / "engine-cpu.json"
     harness.write_json(path, document)
-    header = ["mode", *PHASES, "teacher_prefill_tokens", "teacher_decode_tokens", "teacher_rescore_forwards",
-              "failure_rate"]
+    header = ["mode", *PHASES, "teacher_forwards", "teacher_prefill_tokens", "teacher_decode_tokens",
+              "teacher_draft_tokens", "teacher_acceptance", "teacher_rescore_forwards"]
     print(" | ".join(header + ["teacher tokens / trd"]))
     for r in rows:
         cells = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in header]
         print(" | ".join(cells + [f"{document['checks']['teacher_tokens_over_trd'][r['mode']]:.2f}"]))
+    for target, met in document["checks"]["targets"].items():
+        print(f"{target}: {'met' if met else 'NOT met'}")
     print(f"written to {path}")
 
 

@@ -72,7 +72,11 @@ def test_each_mode_trains_two_steps(models, tmp_path, mode, source):
     for r in records:
         assert math.isfinite(r["loss"]) and r["loss"] >= 0
         assert r["trained_tokens"] > 0 and r["student_decode_tokens"] > 0
-        assert r["teacher_tokens"] == r["teacher_prefill_tokens"] + r["teacher_decode_tokens"] > 0
+        assert r["teacher_tokens"] == (r["teacher_prefill_tokens"] + r["teacher_decode_tokens"]
+                                       + r["teacher_draft_tokens"]) > 0
+        assert 0 <= r["teacher_accepted_tokens"] <= r["teacher_draft_tokens"]
+        if mode != "trd_splice":  # drafting is on by default; a splice drafts only where it decodes past y_o's cut
+            assert (r["teacher_draft_tokens"] > 0) == (mode == "trd")
         if mode != "opd":
             assert r["teacher_rescore_forwards"] == 0 and r["teacher_rescore_tokens"] == 0
     assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "curves.png").stat().st_size > 0

@@ -6,34 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import trd_fast
+from tiny_models import PAD, VOCAB, fresh, tiny_lm
 from trd_fast.trainer.rollout.generation import Rollout, Runner, SamplingConfig
 from trd_fast.trainer.rollout.sampling import sample
 from trd_fast.trainer.refine.splice import splice
 
-VOCAB, PAD, EOS = 97, 0, 2
+EOS = 2
 CONTEXT_LENGTHS = (3, 8, 1, 5)
 ATOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_lm(family: str, seed: int, vocab: int = VOCAB):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  pad_token_id=PAD, eos_token_id=EOS, tie_word_embeddings=False)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))
-    model.config._attn_implementation = "sdpa"
-    with torch.no_grad():  # sharper next-token distributions than the default init
-        model.lm_head.weight.mul_(6.0)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -54,13 +39,6 @@ def teacher(family):
 def contexts(seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=generator) for n in CONTEXT_LENGTHS]
-
-
-def fresh(model, context, completion):
-    """[len(completion), V] logits predicting each completion token, from one forward without padding."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.cat([context, completion])[None]).logits[0].float()
-    return logits[len(context) - 1:len(context) + len(completion) - 1]
 
 
 def rows(tokens, lengths):

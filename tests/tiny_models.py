@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models, a word-level tokenizer and a JSONL task for the trainer tests."""
+"""Tiny random Hugging Face models (saved, or in memory), a word-level tokenizer and a JSONL task for the trainer
+tests."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 WORDS = ["Solve", "answer", "Attempt", "Fix", "Reference", "Steps", "Wait", "Actually", ":", "+", "=", "mod"]
 NUMBERS = [str(i) for i in range(40)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+VOCAB, PAD = 97, 0  # tiny_lm's default vocabulary and its pad id
 
 
 def make_tokenizer(directory: Path, reverse_words: bool = False):
@@ -68,3 +70,28 @@ def write_jsonl(path: Path, count: int, seed: int = 0) -> Path:
                                  "answer": str(a + b)}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tiny_lm(family: str, seed: int, vocab: int = VOCAB, eos: int = 2):
+    """A random in-memory Llama or Qwen3 (sdpa attention, sharpened head) in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  pad_token_id=PAD, eos_token_id=eos, tie_word_embeddings=False)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():  # sharper next-token distributions than the default init
+        model.lm_head.weight.mul_(6.0)
+    return model.eval()
+
+
+def fresh(model, context, completion):
+    """[len(completion), V] logits predicting each completion token, from one forward without padding."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([context, completion])[None]).logits[0].float()
+    return logits[len(context) - 1:len(context) + len(completion) - 1]

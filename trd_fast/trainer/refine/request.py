@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from trd_fast.trainer.protocol import Example, Task, Tokenize
+from trd_fast.trainer.rollout.draft import DraftConfig
 from trd_fast.trainer.rollout.generation import Rollout, Runner, SamplingConfig
 from trd_fast.trainer.run.config import TrainConfig
 
@@ -43,6 +44,11 @@ class BatchRequest:
         """How the teacher draws the tokens it writes (a rewrite, or a continuation after the cut)."""
         r = self.config.rollout
         return SamplingConfig(temperature=r.teacher_temperature, max_new_tokens=r.max_new_tokens)
+
+    def teacher_draft(self) -> DraftConfig | None:
+        """How the teacher verifies y_o as a draft of what it writes; None: plain decoding."""
+        d = self.config.distill
+        return DraftConfig(tokens=d.draft_tokens, match=d.draft_match) if d.draft_tokens else None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """trd (the paper's refinement): the teacher rewrites each rollout y_o into y_r from a refine prompt holding it;
-the student trains on (x, y_r) against the logits the teacher produced while generating y_r (no re-scoring)."""
+the student trains on (x, y_r) against the logits the teacher produced while generating y_r (no re-scoring).
+With distill.draft_tokens the teacher verifies y_o as a draft of y_r (rollout/draft.py): the same y_r, in fewer
+forwards."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 
 from trd_fast.trainer.refine.request import BatchRequest, PhaseTimes, student_rollout
 from trd_fast.trainer.refine.stats import refinement_stats
+from trd_fast.trainer.rollout.draft import Drafter
 from trd_fast.trainer.train.batch import Batch
 
 
@@ -19,9 +22,11 @@ def rewrite_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
     start = time.perf_counter()
     refine_contexts = [tokenize(request.task.refine_prompt(e, tokenize.text(y), request.privileged))
                        for e, y in zip(request.examples, y_o)]
+    draft = request.teacher_draft()
     rewrite = request.teacher.generate(refine_contexts, request.teacher_sampling(), generator=request.generator,
                                        capture_logits=True, progress=request.progress("rewrite"),
-                                       row_ids=request.row_ids)
+                                       row_ids=request.row_ids,
+                                       drafter=Drafter(draft, y_o, request.teacher.eos_id) if draft else None)
     y_r = rewrite.rows()
     targets = [rewrite.logits[b, :len(y)] for b, y in enumerate(y_r)]
     weights = [torch.ones(len(y)) for y in y_r]

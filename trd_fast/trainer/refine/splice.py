@@ -5,6 +5,8 @@ The teacher never feeds a token twice. Scoring feeds context + y_o[:n - 1] for t
 continuation samples its first token from the scoring logits at k and, while it draws y_o's own token and the
 next scoring logits exist, keeps sampling from those (they are what a forward would compute); the first token
 that differs from y_o, or runs past the scored positions, is fed on the cache cut back to context + y_r[:p].
+With a draft config, the continuation from there verifies drafts from y_o (rollout/draft.py): they start
+after that token, so never at a position scoring already fed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 import trd_fast
+from trd_fast.trainer.rollout.draft import DraftConfig, Drafter, verify_decode
 from trd_fast.trainer.rollout.generation import Rollout, Runner, resolve_row_ids
 from trd_fast.trainer.rollout.kv_cache import CachedBatch, realign
 from trd_fast.trainer.rollout.sampling import SamplingConfig
@@ -48,11 +51,12 @@ class _Scoring:
 def splice(teacher: Runner, contexts: Sequence[Tensor], rollout: Rollout, signal_fn: SignalFn, *,
            threshold: float, window: int, chunk: int | None, sampling: SamplingConfig,
            generator: torch.Generator, row_ids: Sequence[int] | None = None,
-           progress: str | None = None) -> Splice:
+           progress: str | None = None, draft: DraftConfig | None = None) -> Splice:
     """Score each rollout row with the teacher after its own context, find k = prefix_scan(signal).first, and
     let the teacher continue the failed rows from k (targets: scoring logits for positions <= k, generation
     logits after). With `chunk`, y_o is scored `chunk` tokens at a time on the KV cache and a row stops being
-    scored once its failure point is found; None scores everything in one pass."""
+    scored once its failure point is found; None scores everything in one pass. With `draft` (tokens > 0) the
+    continuation verifies drafts from y_o: the same tokens when greedy, the same distribution when sampled."""
     contexts = teacher.inputs(contexts)
     if len(contexts) != len(rollout.tokens):
         raise ValueError(f"contexts: {len(contexts)} rows for a rollout of {len(rollout.tokens)}")
@@ -64,7 +68,7 @@ def splice(teacher: Runner, contexts: Sequence[Tensor], rollout: Rollout, signal
     y_o = [y.to(teacher.device) for y in rollout.rows()]
     scoring = _score(teacher, contexts, y_o, rollout.tokens.shape[1], signal_fn, threshold, window, chunk, rows)
     failed = scoring.cut < rollout.lengths.to(teacher.device)
-    y_r, targets = _continue(teacher, contexts, y_o, scoring, failed, sampling, generator, rows, progress)
+    y_r, targets = _continue(teacher, contexts, y_o, scoring, failed, sampling, generator, rows, progress, draft)
     return Splice(cut=scoring.cut, failed=failed, tokens=y_r, targets=targets, signal=scoring.signal,
                   scored=scoring.scored)
 
@@ -125,8 +129,8 @@ def _score(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], width: in
 
 
 def _continue(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], scoring: _Scoring, failed: Tensor,
-              sampling: SamplingConfig, generator: torch.Generator, rows: list[int],
-              progress: str | None) -> tuple[list[Tensor], list[Tensor]]:
+              sampling: SamplingConfig, generator: torch.Generator, rows: list[int], progress: str | None,
+              draft: DraftConfig | None) -> tuple[list[Tensor], list[Tensor]]:
     """y_r and targets per row: the failed rows continued from their cut, the others as scored."""
     y_r, targets = list(y_o), list(scoring.logits)
     fails = failed.nonzero()[:, 0].tolist()
@@ -156,12 +160,35 @@ def _continue(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], scorin
                          for i in needs.tolist()])
         scoring.caches.clear()  # the scoring caches go before decoding starts
         budget = torch.full_like(trace.lengths, sampling.max_new_tokens)
-        teacher.decode(state, trace, needs, last, budget, sampling, generator, capture=True, progress=progress)
-    drawn_tokens, drawn_logits = trace.tokens(teacher.pad_id), trace.take_logits(targets[fails[0]].shape[-1])
+        if draft is not None and draft.tokens:
+            _continue_drafted(teacher, contexts, y_o, fails, state, trace, needs, position, last, budget, sampling,
+                              generator, rows, progress, draft)
+        else:
+            teacher.decode(state, trace, needs, last, budget, sampling, generator, capture=True,
+                           progress=progress)
+    drawn_tokens, drawn_logits = trace.tokens(teacher.pad_id), trace.take_logits()
     for i, (b, n, k) in enumerate(zip(fails, trace.lengths.tolist(), scoring.cut[fails].tolist())):
         y_r[b] = torch.cat([y_o[b][:k], drawn_tokens[i, :n]])
         targets[b] = torch.cat([scoring.logits[b][:k], drawn_logits[i, :n]])
+    if draft is not None and draft.tokens:
+        return y_r, targets   # the verifying forwards were recorded in the ledger as they were fed
     teacher.account_decode([rows[fails[i]] for i in needs.tolist()],
                            [torch.cat([contexts[fails[i]], y_r[fails[i]][:-1]]) for i in needs.tolist()],
                            [len(contexts[fails[i]]) + int(position[i]) for i in needs.tolist()])
     return y_r, targets
+
+
+def _continue_drafted(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], fails: list[int],
+                      state: CachedBatch, trace: Trace, needs: Tensor, position: Tensor, last: Tensor,
+                      budget: Tensor, sampling: SamplingConfig, generator: torch.Generator, rows: list[int],
+                      progress: str | None, draft: DraftConfig) -> None:
+    """Decoding of the rows `needs` (trace rows; failed row fails[i] holds context + y_o[:position[i]] in
+    `state`, its pending token last[i]) with drafts from y_o after the pending token."""
+    at = position.tolist()
+    drafter = Drafter(draft, [y_o[b] for b in fails], teacher.eos_id, prefixes=at)
+    for i in needs.tolist():
+        drafter.advance(i, [int(last[i])], 0)
+    verify_decode(teacher, drafter, rows=[rows[b] for b in fails], heads=[last[i:i + 1] for i in needs.tolist()],
+                  history=[torch.cat([contexts[fails[i]], y_o[fails[i]][:at[i]]]) for i in needs.tolist()],
+                  state=state, trace=trace, alive=needs, budget=budget, sampling=sampling, generator=generator,
+                  capture=True, progress=progress)

@@ -25,7 +25,8 @@ def splice_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
     result = splice(request.teacher, request.teacher_contexts(), student.rollout,
                     splice_signal(d.splice_signal, student.rollout), threshold=d.splice_threshold,
                     window=d.splice_window, chunk=d.splice_chunk or None, sampling=request.teacher_sampling(),
-                    generator=request.generator, row_ids=request.row_ids, progress=request.progress("splice"))
+                    generator=request.generator, row_ids=request.row_ids, progress=request.progress("splice"),
+                    draft=request.teacher_draft())
     weights = []
     for y, k in zip(result.tokens, result.cut.tolist()):
         w = torch.full((len(y),), d.prefix_weight)

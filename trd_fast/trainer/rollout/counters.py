@@ -6,16 +6,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from torch import Tensor
-
 
 @dataclass
 class TokenCounters:
     prefill_tokens: int = 0    # non-pad tokens fed by multi-token forwards (prompts, scoring)
-    decode_tokens: int = 0     # non-pad tokens fed one per row per decode forward
+    decode_tokens: int = 0     # generated tokens fed back, one per row per decode forward
+    draft_tokens: int = 0      # draft tokens fed after them (or after a prompt) to be verified
+    accepted_tokens: int = 0   # of those, the ones the model's own draw kept (the others were rejected)
     forwards: int = 0          # forward passes
     rescore_forwards: int = 0  # forwards that fed at least one token whose output was already computed this step
     rescore_tokens: int = 0    # such tokens: same row, same preceding tokens, same token
+
+    @property
+    def acceptance(self) -> float:
+        """The share of draft tokens accepted; NaN when none was drafted."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else float("nan")
 
 
 class Ledger:
@@ -23,33 +28,37 @@ class Ledger:
 
     A token fed at position t of a sequence S was already computed when some recorded sequence starts with
     S[:t+1]; since that holds for every position below the longest common prefix with a recorded sequence, the
-    re-scored tokens of a feed are the fed positions below that prefix length.
+    re-scored tokens of a feed are the fed positions below that prefix length. The recorded sequences of a row
+    are kept as a trie (nested dicts keyed by token id), so a feed costs one walk along its own length.
+
+    A draft token is fed once, when it is verified: that is new work, not a re-score. A rejected draft token was
+    fed too (its output computed, then discarded): the ledger keeps it on its own branch, the row's sequence up
+    to it followed by the rejected draft tail, which is no part of the generated output; feeding that branch
+    again would count as re-scoring, feeding the accepted path on past the branch point would not.
     """
 
     def __init__(self):
-        self._fed: dict[int, list[Tensor]] = {}
+        self._fed: dict[int, dict] = {}   # row id -> trie of its fed sequences
 
-    def feed(self, rows: Sequence[int], sequences: Sequence[Tensor], starts: Sequence[int]) -> list[int]:
-        """Records that row rows[i] was fed sequences[i][starts[i]:] after sequences[i][:starts[i]]; returns the
-        number of those tokens already fed before this call. All rows are checked before any is recorded, so
-        two rows of one forward never count each other."""
-        counts = [max(0, min(len(seq), self._longest_match(row, seq)) - start)
+    def feed(self, rows: Sequence[int], sequences: Sequence[list[int]], starts: Sequence[int]) -> list[int]:
+        """Records that row rows[i] was fed sequences[i][starts[i]:] after sequences[i][:starts[i]] (token ids);
+        returns the number of those tokens already fed before this call. All rows are checked before any is
+        recorded, so two rows of one forward never count each other."""
+        counts = [max(0, _walk(self._fed.get(row, {}), seq)[0] - start)
                   for row, seq, start in zip(rows, sequences, starts)]
         for row, seq in zip(rows, sequences):
-            self._record(row, seq)
+            depth, node = _walk(self._fed.setdefault(row, {}), seq)
+            for token in seq[depth:]:
+                node = node.setdefault(token, {})
         return counts
 
-    def _longest_match(self, row: int, sequence: Tensor) -> int:
-        return max((_common_prefix(seen, sequence) for seen in self._fed.get(row, ())), default=0)
 
-    def _record(self, row: int, sequence: Tensor) -> None:
-        seen = self._fed.setdefault(row, [])
-        if any(_common_prefix(s, sequence) == len(sequence) for s in seen):
-            return  # already contained in a longer (or equal) recorded sequence
-        seen[:] = [s for s in seen if _common_prefix(s, sequence) < len(s)] + [sequence]
-
-
-def _common_prefix(a: Tensor, b: Tensor) -> int:
-    n = min(len(a), len(b))
-    differ = (a[:n] != b[:n]).nonzero()
-    return int(differ[0, 0]) if len(differ) else n
+def _walk(trie: dict, sequence: list[int]) -> tuple[int, dict]:
+    """How far `sequence` runs along the trie from its root, and the node reached."""
+    node, depth = trie, 0
+    for token in sequence:
+        child = node.get(token)
+        if child is None:
+            break
+        node, depth = child, depth + 1
+    return depth, node

@@ -8,11 +8,13 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import trd_fast
 from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
+from trd_fast.trainer.rollout.draft import Drafter, verify_decode
 from trd_fast.trainer.rollout.kv_cache import CACHE_KEYWORD, CachedBatch, check_filled, check_full_attention
 from trd_fast.trainer.rollout.sampling import SamplingConfig, sample
 from trd_fast.trainer.rollout.trace import Trace
@@ -62,31 +64,43 @@ class Runner:
 
     @torch.no_grad()
     def generate(self, contexts: Sequence[Tensor], sampling: SamplingConfig, *, generator: torch.Generator,
-                 capture_logits: bool, progress: str | None = None,
-                 row_ids: Sequence[int] | None = None) -> Rollout:
+                 capture_logits: bool, progress: str | None = None, row_ids: Sequence[int] | None = None,
+                 drafter: Drafter | None = None) -> Rollout:
         """Sample a completion of each context (1-D int64 tokens, lengths may differ): one prefill of the
         left-padded batch, then one decode forward per token with the KV cache. A row stops at EOS; all stop at
-        sampling.max_new_tokens. `progress` is the description of a bar over decode steps (None: no bar)."""
+        sampling.max_new_tokens. `progress` is the description of a bar over decode steps (None: no bar).
+        With a `drafter` (one source per context), every forward also verifies a draft (rollout/draft.py): the
+        same tokens when greedy, the same distribution when sampled, in fewer forwards."""
         contexts = self.inputs(contexts)
         rows = resolve_row_ids(row_ids, len(contexts))
-        logits, state = self.prefill(rows, contexts, keep=1)                # [B, 1, V]
         trace = Trace(len(contexts), self.device)
         everyone = torch.arange(len(contexts), device=self.device)
+        budget = torch.full_like(trace.lengths, sampling.max_new_tokens)
+        if drafter is not None:
+            if len(drafter) != len(contexts):
+                raise ValueError(f"drafter: {len(drafter)} sources for {len(contexts)} contexts")
+            verify_decode(self, drafter, rows=rows, heads=contexts, history=None, state=None, trace=trace,
+                          alive=everyone, budget=budget, sampling=sampling, generator=generator,
+                          capture=capture_logits, progress=progress)
+            return self.rollout(trace, capture_logits)
+        logits, state = self.prefill(rows, contexts, keep=1)                # [B, 1, V]
         tokens = self.draw(trace, everyone, logits[:, -1], sampling, generator, capture=capture_logits)
         going = (tokens != self.eos_id) & (trace.lengths < sampling.max_new_tokens)
         alive = going.nonzero()[:, 0]
         if len(alive) < len(contexts):
             state = state.select(alive)
-        budget = torch.full_like(trace.lengths, sampling.max_new_tokens)
         self.decode(state, trace, alive, tokens, budget, sampling, generator, capture=capture_logits,
                     progress=progress)
         generated = trace.tokens(self.pad_id)                               # [B, M]
         lengths = trace.lengths.tolist()
         self.account_decode(rows, [torch.cat([x, y[:n - 1]]) for x, y, n in zip(contexts, generated, lengths)],
                             [len(x) for x in contexts])
-        return Rollout(tokens=generated, lengths=trace.lengths, logprobs=trace.logprobs(),
-                       logits=trace.take_logits(logits.shape[-1]) if capture_logits else None,
-                       finished=trace.finished)
+        return self.rollout(trace, capture_logits)
+
+    def rollout(self, trace: Trace, capture_logits: bool) -> Rollout:
+        """The generated rows of a finished trace."""
+        return Rollout(tokens=trace.tokens(self.pad_id), lengths=trace.lengths, logprobs=trace.logprobs(),
+                       logits=trace.take_logits() if capture_logits else None, finished=trace.finished)
 
     @torch.no_grad()
     def score(self, contexts: Sequence[Tensor], continuations: Sequence[Tensor], *,
@@ -107,19 +121,21 @@ class Runner:
 
     def prefill(self, rows: Sequence[int], heads: Sequence[Tensor], tails: Sequence[Tensor] | None = None, *,
                 keep: int, state: CachedBatch | None = None, history: Sequence[Tensor] | None = None,
-                use_cache: bool = True) -> tuple[Tensor, CachedBatch | None]:
+                use_cache: bool = True, draft: bool = False) -> tuple[Tensor, CachedBatch | None]:
         """One forward feeding row b heads[b] + tails[b] after what `state` caches for it (`history[b]`: those
         tokens, for the ledger). Heads are right-aligned (left padding) and tails left-aligned after them (right
         padding), so tail positions line up across rows: with H the longest head, slot H - 1 + j predicts tail
         token j of every row. Returns the raw fp32 logits of the last `keep` slots [B, keep, V] and the batch
-        with the new tokens cached (None without use_cache)."""
+        with the new tokens cached (None without use_cache). With `draft` the tails are draft tokens to verify
+        (counted as draft_tokens) and heads fed after a cached `state` are generated tokens (decode_tokens)."""
         tails = tails if tails is not None else [heads[0].new_zeros(0)] * len(heads)
-        head_width, tail_width = max(len(h) for h in heads), max(len(t) for t in tails)
-        ids = torch.full((len(heads), head_width + tail_width), self.pad_id, dtype=torch.int64, device=self.device)
-        fed = torch.zeros(ids.shape, dtype=torch.bool, device=self.device)                  # [B, W]
-        for b, (head, tail) in enumerate(zip(heads, tails)):
-            ids[b, head_width - len(head):head_width + len(tail)] = torch.cat([head, tail])
-            fed[b, head_width - len(head):head_width + len(tail)] = True
+        head_lengths, tail_lengths = [h.shape[0] for h in heads], [t.shape[0] for t in tails]
+        head_width = max(head_lengths)
+        ids = torch.cat([pad_sequence(list(heads), batch_first=True, padding_value=self.pad_id, padding_side="left"),
+                         pad_sequence(list(tails), batch_first=True, padding_value=self.pad_id)], dim=1)  # [B, W]
+        slot = torch.arange(ids.shape[1], device=ids.device)
+        fed = ((slot >= head_width - torch.tensor(head_lengths, device=ids.device)[:, None])
+               & (slot < head_width + torch.tensor(tail_lengths, device=ids.device)[:, None]))  # [B, W]
         past = state.mask if state is not None else fed[:, :0]                              # [B, S]
         cache = None
         if use_cache:
@@ -131,10 +147,19 @@ class Runner:
                          use_cache=use_cache, logits_to_keep=keep)
         if use_cache:
             check_filled(cache, mask.shape[1], self.name)
-        history = history if history is not None else [h[:0] for h in heads]
-        sequences = [torch.cat([p, h, t]) for p, h, t in zip(history, heads, tails)]
+        history = [p.tolist() for p in history] if history is not None else [[] for _ in heads]
+        fed_ids = ids.tolist()
+        sequences = [p + row[head_width - h:head_width + t]
+                     for p, row, h, t in zip(history, fed_ids, head_lengths, tail_lengths)]
         counts = self.ledger.feed(rows, sequences, [len(p) for p in history])
-        self.counters.prefill_tokens += int(fed.sum())
+        fed_heads, fed_tails = int(fed[:, :head_width].sum()), int(fed[:, head_width:].sum())
+        if not draft:
+            self.counters.prefill_tokens += fed_heads + fed_tails
+        elif state is None:
+            self.counters.prefill_tokens += fed_heads
+        else:
+            self.counters.decode_tokens += fed_heads
+        self.counters.draft_tokens += fed_tails if draft else 0
         self.counters.forwards += 1
         self.counters.rescore_forwards += int(any(counts))
         self.counters.rescore_tokens += sum(counts)
@@ -177,7 +202,7 @@ class Runner:
     def account_decode(self, rows: Sequence[int], sequences: Sequence[Tensor], starts: Sequence[int]) -> None:
         """Ledger entries for one decode run: row i fed sequences[i][starts[i]:], one token per forward from the
         run's first forward on, so the run's re-scoring forwards are the longest re-scored stretch."""
-        counts = self.ledger.feed(rows, sequences, starts)
+        counts = self.ledger.feed(rows, [s.tolist() for s in sequences], starts)
         self.counters.rescore_forwards += max(counts, default=0)
         self.counters.rescore_tokens += sum(counts)
 
@@ -189,7 +214,8 @@ class Runner:
             if x.ndim != 1 or x.dtype != torch.int64 or len(x) == 0:
                 raise ValueError(f"{self.name}: {name}[{i}] must be a non-empty 1-D int64 tensor, "
                                  f"got shape {tuple(x.shape)} {x.dtype}")
-        return [x.to(self.device) for x in contexts]
+        device = self.device
+        return [x.to(device) for x in contexts]
 
 
 def resolve_row_ids(row_ids: Sequence[int] | None, count: int) -> list[int]:

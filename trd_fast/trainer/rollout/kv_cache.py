@@ -33,6 +33,11 @@ class CachedBatch:
         """A new batch of the given rows [R] (a copy, so this batch can be dropped)."""
         return CachedBatch(DynamicCache([(k[rows], v[rows]) for k, v in _layers(self.cache)]), self.mask[rows])
 
+    def crop(self, slots: int) -> CachedBatch:
+        """The batch cut to its first `slots` slots (views of this batch's keys and values, no copy)."""
+        return CachedBatch(DynamicCache([(k[:, :, :slots], v[:, :, :slots]) for k, v in _layers(self.cache)]),
+                           self.mask[:, :slots])
+
 
 def realign(parts: Sequence[tuple[CachedBatch, int, int]]) -> CachedBatch:
     """A left-padded batch whose row i holds the first n_i real tokens of row r_i of batch b_i, for parts

@@ -1,4 +1,5 @@
-"""Drawing the next token from raw logits: temperature, top-k, top-p, greedy."""
+"""Drawing the next token from raw logits: temperature, top-k, top-p, greedy; the filtered weights and the
+inverse-CDF draw are shared with draft verification."""
 
 from __future__ import annotations
 
@@ -35,10 +36,22 @@ def sample(logits: Tensor, config: SamplingConfig, generator: torch.Generator,
     the generator's own device, and picks the token by inverse CDF: the same generator state gives the same
     tokens, and a CPU generator serves logits on any device without moving them.
     """
+    if config.temperature == 0:
+        return greedy(logits, vocab_size)
+    return inverse_cdf(filtered_weights(logits, config, vocab_size), uniform(len(logits), generator))
+
+
+def greedy(logits: Tensor, vocab_size: int | None = None) -> Tensor:
+    """[N, V] raw logits -> [N] int64 argmax among the ids below `vocab_size` (None: all V)."""
+    return (logits if vocab_size is None else logits[:, :vocab_size]).argmax(-1)
+
+
+def filtered_weights(logits: Tensor, config: SamplingConfig, vocab_size: int | None = None) -> Tensor:
+    """[N, V] raw logits -> [N, V'] fp32 unnormalised sampling weights over the ids below `vocab_size` (V' of
+    them): softmax(logits / T) with the tokens outside the top-k, then outside the top-p nucleus, set to 0.
+    The distribution `sample` draws from is each row divided by its sum. Needs temperature > 0."""
     if vocab_size is not None:
         logits = logits[:, :vocab_size]                                     # [N, V']
-    if config.temperature == 0:
-        return logits.argmax(-1)
     scaled = logits.float() / config.temperature
     if 0 < config.top_k < scaled.shape[-1]:
         kth = scaled.topk(config.top_k, dim=-1).values[:, -1:]             # [N, 1]
@@ -48,7 +61,17 @@ def sample(logits: Tensor, config: SamplingConfig, generator: torch.Generator,
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= config.top_p      # mass before a token already enough
         probs = probs.masked_fill(drop.new_zeros(drop.shape).scatter(-1, order, drop), 0.0)
-    cdf = probs.cumsum(-1)                                                 # [N, V']
-    u = torch.rand(len(cdf), generator=generator, device=generator.device).to(cdf.device)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return probs
+
+
+def uniform(count: int, generator: torch.Generator) -> Tensor:
+    """[count] fp32 numbers uniform in [0, 1), drawn on the generator's own device."""
+    return torch.rand(count, generator=generator, device=generator.device)
+
+
+def inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
+    """[N, V] non-negative weights (each row with a positive sum), [N] uniforms in [0, 1) on any device ->
+    [N] int64 ids, id i drawn with probability weights[i] / sum(weights)."""
+    cdf = weights.cumsum(-1)                                               # [N, V]
+    picked = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     return picked.clamp(max=cdf.shape[-1] - 1)

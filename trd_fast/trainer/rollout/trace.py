@@ -1,4 +1,4 @@
-"""The tokens sampled for a set of rows, step by step, and the padded tensors they make at the end."""
+"""The tokens drawn for a set of rows, and the padded tensors they make at the end."""
 
 from __future__ import annotations
 
@@ -7,38 +7,44 @@ from torch import Tensor
 
 
 class Trace:
-    """Step i holds the rows still going at that step; a row leaves the steps after it stopped."""
+    """Each add appends one token to each row it names, at that row's own next position: rows may advance by
+    different amounts per forward (draft verification) and join or leave at any point."""
 
     def __init__(self, rows: int, device: torch.device):
-        self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)   # [R] tokens sampled per row
+        self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)   # [R] tokens drawn per row
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)   # [R] stopped on EOS
-        self._steps: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+        self._adds: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
 
     def add(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, logits: Tensor | None, eos_id: int) -> None:
-        """One step: rows [A] drew tokens [A] with log-probs [A] from raw logits [A, V] (None: not kept)."""
-        self._steps.append((rows, tokens, logprobs, logits))
+        """Rows [A] (distinct) drew tokens [A] with log-probs [A] from raw logits [A, V] (None: not kept)."""
+        self._adds.append((rows, self.lengths[rows], tokens, logprobs, logits))
         self.lengths[rows] += 1
         self.finished[rows] = tokens == eos_id
 
+    @property
+    def width(self) -> int:
+        return int(self.lengths.max()) if len(self.lengths) else 0
+
     def tokens(self, pad_id: int) -> Tensor:
-        """[R, N] int64, pad_id after each row's end."""
-        out = torch.full((len(self.lengths), len(self._steps)), pad_id, dtype=torch.int64,
-                         device=self.lengths.device)
-        for i, (rows, tokens, _, _) in enumerate(self._steps):
-            out[rows, i] = tokens
+        """[R, N] int64, pad_id after each row's end (N: the longest row)."""
+        out = torch.full((len(self.lengths), self.width), pad_id, dtype=torch.int64, device=self.lengths.device)
+        for rows, positions, tokens, _, _ in self._adds:
+            out[rows, positions] = tokens
         return out
 
     def logprobs(self) -> Tensor:
         """[R, N] fp32, 0 after each row's end."""
-        out = torch.zeros(len(self.lengths), len(self._steps), device=self.lengths.device)
-        for i, (rows, _, logprobs, _) in enumerate(self._steps):
-            out[rows, i] = logprobs
+        out = torch.zeros(len(self.lengths), self.width, device=self.lengths.device)
+        for rows, positions, _, logprobs, _ in self._adds:
+            out[rows, positions] = logprobs
         return out
 
-    def take_logits(self, vocab: int) -> Tensor:
-        """[R, N, V] fp32 raw logits, 0 after each row's end; the steps' own copies are released on the way."""
-        out = torch.zeros(len(self.lengths), len(self._steps), vocab, device=self.lengths.device)
-        for i, (rows, tokens, logprobs, logits) in enumerate(self._steps):
-            out[rows, i] = logits
-            self._steps[i] = (rows, tokens, logprobs, None)
+    def take_logits(self) -> Tensor:
+        """[R, N, V] fp32 raw logits, 0 after each row's end (V: the captured logits' width; 0 when nothing was
+        drawn); the adds' own copies are released on the way."""
+        vocab = next((logits.shape[-1] for *_, logits in self._adds if logits is not None), 0)
+        out = torch.zeros(len(self.lengths), self.width, vocab, device=self.lengths.device)
+        for i, (rows, positions, tokens, logprobs, logits) in enumerate(self._adds):
+            out[rows, positions] = logits
+            self._adds[i] = (rows, positions, tokens, logprobs, None)
         return out

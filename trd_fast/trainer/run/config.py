@@ -76,6 +76,9 @@ class DistillConfig:
                                        # failure point; 0: one pass over all of y_o
     prefix_weight: float = 1.0         # trd_splice: loss weight of y_r tokens kept from y_o
     suffix_weight: float = 1.0         # trd_splice: loss weight of the teacher's continuation
+    draft_tokens: int = 16             # trd, trd_splice: y_o tokens the teacher verifies as a draft per forward
+                                       # (exactly the same output, fewer forwards); 0: plain decoding
+    draft_match: int = 3               # generated tokens matched in y_o to re-align the draft after a mismatch
     epistemic_tokens: tuple[str, ...] = ("Wait", "Actually")  # words whose teacher probability mass is logged
 
 
@@ -162,6 +165,8 @@ NUMERIC_BOUNDS = {
     "distill.splice_chunk": AT_LEAST_0,
     "distill.prefix_weight": AT_LEAST_0,
     "distill.suffix_weight": AT_LEAST_0,
+    "distill.draft_tokens": AT_LEAST_0,
+    "distill.draft_match": AT_LEAST_1,
     "optim.steps": AT_LEAST_0,
     "optim.batch_size": AT_LEAST_1,
     "optim.micro_batches": AT_LEAST_1,            # and at most batch_size

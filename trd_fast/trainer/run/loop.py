@@ -138,7 +138,9 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
               "rollout_s": times.rollout, "refine_s": times.refine, "train_s": train_s,
               "student_prefill_tokens": s.prefill_tokens, "student_decode_tokens": s.decode_tokens,
               "teacher_prefill_tokens": t.prefill_tokens, "teacher_decode_tokens": t.decode_tokens,
-              "teacher_tokens": t.prefill_tokens + t.decode_tokens,
+              "teacher_draft_tokens": t.draft_tokens, "teacher_accepted_tokens": t.accepted_tokens,
+              "teacher_acceptance": t.acceptance,
+              "teacher_tokens": t.prefill_tokens + t.decode_tokens + t.draft_tokens,
               "teacher_forwards": t.forwards, "teacher_rescore_forwards": t.rescore_forwards,
               "teacher_rescore_tokens": t.rescore_tokens, **batch.stats}
     if result.sparse_targets and config.distill.mode == "trd" and step == 0:
