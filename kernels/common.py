@@ -111,21 +111,17 @@ def rescale(acc, alpha):
 
 @triton.jit
 def log_mixture(lp, lq, log_1m_beta, log_beta):
-    """log M = log((1 - beta) p + beta q) = logaddexp(lp + log(1 - beta), lq + log beta), -inf if p = q = 0."""
+    """log M = log((1 - beta) p + beta q) = logaddexp(lp + log(1 - beta), lq + log beta), -inf if p = q = 0.
+
+    log(1 + y) rounds 1 + y first: up to ulp(1) / 2 absolute in log M, the error of the log of the mixed
+    probabilities themselves (the C++ kernels' form). A first-order correction of that rounding cut the RMS
+    error by 5-20% in the jsd tests' regimes and made the fp64 jsd kernels spill registers on sm_90."""
     x = lp + log_1m_beta
     y = lq + log_beta
     hi = tl.maximum(x, y)
     lo = tl.minimum(x, y)
     hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    return tl.where(hi == float("-inf"), float("-inf"), hi_safe + log1p(tl.exp(lo - hi_safe)))
-
-
-@triton.jit
-def log1p(y):
-    """log(1 + y) for y >= 0 to a few ulp, also where 1 + y rounds to 1 (log(1 + y) would lose y's digits):
-    log(u) y / (u - 1) with u = fl(1 + y) corrects the rounding of u to first order."""
-    u = 1.0 + y
-    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+    return tl.where(hi == float("-inf"), float("-inf"), hi_safe + tl.log(1.0 + tl.exp(lo - hi_safe)))
 
 
 @triton.jit
