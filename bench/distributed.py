@@ -88,7 +88,7 @@ def worker(out: Path, steps: int, batch_size: int) -> None:
     report = {"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "parameter_bytes": parameters, "optimizer_bytes": optimizer, "records": records,
               "cpu_s_per_step": cpu_seconds}
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    (out / f"rank{rank}.json").write_text(json.dumps(report), encoding="utf-8")
 
 
 def launch(processes: int, steps: int, batch_size: int) -> list[dict]:
@@ -101,7 +101,7 @@ def launch(processes: int, steps: int, batch_size: int) -> list[dict]:
                     [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([*launcher, *arguments], check=True, env=env, cwd=Path(__file__).parents[1])
-        return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("rank*.json"))]
 
 
 def summarize(name: str, processes: int, repeats: list[list[dict]]) -> dict:

@@ -1,9 +1,11 @@
 """The engine in two processes (torch.distributed, gloo on the CPU, FSDP2 students): 2 ranks x 4 rows give the loss
-curve and the final weights of 1 process x 8 rows in every mode, from the loop and from the command line; a run
-stopped while writing a checkpoint resumes from the previous one onto the uninterrupted curve; only rank 0 writes
-files; a non-finite loss on one rank stops both before the optimizer step; a rank that raises ends the run, and
-one that stalls fails it at the collective timeout. The 2-rank runs are forked processes with torchrun's
-environment; the command-line ones run under torchrun itself."""
+curve and the final weights of 1 process x 8 rows in every mode, from the loop and from the command line; each rank
+evaluates its share of the eval set and together they give one process's accuracy; a run stopped while writing a
+checkpoint resumes from the previous one onto the uninterrupted curve; runs may follow one another in the same
+processes; only rank 0 writes files, after the last collective where it is slow; a non-finite loss on one rank
+stops both before the optimizer step; a rank that raises ends the run, and one that stalls fails it at the
+collective timeout. The 2-rank runs are forked processes with torchrun's environment; the command-line ones run
+under torchrun itself."""
 
 from __future__ import annotations
 
@@ -213,6 +215,50 @@ def stalled_rank(rank: int, raw: dict) -> dict:
     return {}
 
 
+class MixedVerdictTask(JsonlTask):
+    """The JSONL task with a verifier that passes a completion whose character codes sum to an even number: an
+    untrained model's completions then get a mix of verdicts, so an accuracy made of wrong counts shows."""
+
+    def verify(self, example, completion: str) -> bool:
+        return sum(map(ord, completion)) % 2 == 0
+
+
+def recorded_evaluations(calls: list[dict]):
+    """loop.evaluate, recording per call the prompts evaluated, their completions and the verified counts."""
+    real = loop.evaluate
+
+    def recording(runner, task, tokenize, examples, **options):
+        result = real(runner, task, tokenize, examples, **options)
+        calls.append({"prompts": [e.prompt for e in examples], "completions": result.completions,
+                      "verified": list(result.verified)})
+        return result
+    return recording
+
+
+def train_recording_evaluations(rank: int, raw: dict) -> dict:
+    """Train on the mixed-verdict task, recording this rank's evaluations."""
+    calls: list[dict] = []
+    loop.evaluate = recorded_evaluations(calls)
+    config = from_dict(raw)
+    return {"records": loop.train(config, MixedVerdictTask(config.data)), "evaluations": calls}
+
+
+def slow_rank_zero_at_the_end(rank: int, raw: dict) -> dict:
+    """Train; rank 0 takes longer than the collective timeout to plot the curves and again to write the student."""
+    pause = 1.5 * raw["run"]["collective_timeout_s"]
+
+    def slowly(write):
+        def slow(*args, **kwargs):
+            time.sleep(pause)
+            return write(*args, **kwargs)
+        return slow
+
+    loop.plot_curves, loop.save_model_directory = slowly(loop.plot_curves), slowly(loop.save_model_directory)
+    config = from_dict(raw)
+    records = loop.train(config, JsonlTask(config.data))
+    return {"steps": [r["step"] for r in records], "finished": time.time()}
+
+
 def single_process(raw: dict) -> list[dict]:
     config = from_dict(raw)
     return loop.train(config, JsonlTask(config.data))
@@ -275,6 +321,49 @@ def test_stopped_while_checkpointing_resumes_onto_the_uninterrupted_curve(models
     stopped = Path(str(tmp_path / "two") + "-nan")
     assert sorted(p.name for p in (stopped / CHECKPOINTS).iterdir()) == ["step-1"]
     assert [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.parametrize("eval_examples", [8, 7])
+def test_each_rank_evaluates_its_share_giving_one_process_s_accuracy(models, tmp_path, monkeypatch, eval_examples):
+    settings = dict(data={"eval_examples": eval_examples}, optim={"steps": 1},
+                    run={"eval_every": 1, "checkpoint_every": 0, "save_student": False})
+    calls: list[dict] = []
+    monkeypatch.setattr(loop, "evaluate", recorded_evaluations(calls))
+    one = from_dict(raw_config(models, tmp_path / "one", **settings))
+    reference = loop.train(one, MixedVerdictTask(one.data))
+    assert 0 < reference[0]["eval_accuracy"] < 1  # a mix of verdicts: counts summed wrongly would show
+    spawn("train_recording_evaluations", raw_config(models, tmp_path / "two", **settings), tmp_path / "report")
+    seen = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    shares = [report["evaluations"] for report in seen]
+    assert [len(s) for s in shares] == [1, 1]  # every rank evaluates once, at the step's end
+    assert [len(s[0]["prompts"]) for s in shares] == [eval_examples // 2, eval_examples - eval_examples // 2]
+    # The shares are contiguous and, in rank order, the whole eval set with one process's greedy completions.
+    assert shares[0][0]["prompts"] + shares[1][0]["prompts"] == calls[0]["prompts"]
+    assert shares[0][0]["completions"] + shares[1][0]["completions"] == calls[0]["completions"]
+    assert seen[0]["records"][0]["eval_accuracy"] == reference[0]["eval_accuracy"]
+    assert seen[1]["records"] == []
+
+
+def test_rank_shares_are_contiguous_in_rank_order_and_differ_by_at_most_one():
+    from trd_fast.trainer.run.world import World
+
+    for size in (1, 2, 3, 4):
+        for count in range(10):
+            items = list(range(count))
+            shares = [World(rank=r, size=size, device=torch.device("cpu"), distributed=True).share(items)
+                      for r in range(size)]
+            assert sum(shares, []) == items
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_rank_zero_s_plotting_and_saving_after_the_last_collective_keep_nobody_waiting(models, tmp_path):
+    raw = raw_config(models, tmp_path / "out", optim={"steps": 1},
+                     run={"collective_timeout_s": 6.0, "checkpoint_every": 0})
+    spawn("slow_rank_zero_at_the_end", raw, tmp_path / "report")
+    seen = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    assert seen[0]["steps"] == [1] and seen[1]["steps"] == []
+    assert seen[0]["finished"] - seen[1]["finished"] > 2 * 6.0  # rank 1 was done before rank 0's slow writes
+    assert (tmp_path / "out" / "curves.png").is_file() and (tmp_path / "out" / "student" / "config.json").is_file()
 
 
 def run_cli(command: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -376,3 +465,23 @@ def test_a_stalled_rank_fails_the_run_at_the_collective_timeout(models, tmp_path
     report = json.loads((tmp_path / "out" / "stalled.json").read_text())
     assert "timed out" in report["error"].lower(), report["error"]
     assert 5.0 <= report["seconds"] < 40  # step 1, then the 5 s wait in a collective
+
+
+def worlds_one_after_another(rank: int, raw: dict) -> dict:
+    """Three process groups in a row in the same two processes; rank 0 leaves each one a second after rank 1, so rank
+    1 rendezvouses for the next while rank 0 still holds the previous one's store."""
+    from trd_fast.trainer.run.world import run_world
+
+    sums = []
+    for _ in range(3):
+        with run_world("cpu", batch_size=2, micro_batches=1, timeout_s=raw["run"]["collective_timeout_s"]) as world:
+            sums.append(world.sum([float(rank + 1)])[0])
+            if rank == 0:
+                time.sleep(1.0)
+    return {"sums": sums}
+
+
+def test_runs_one_after_another_in_the_same_processes_each_meet_afresh(tmp_path):
+    spawn("worlds_one_after_another", {"run": {"collective_timeout_s": 10.0}}, tmp_path)
+    for r in range(RANKS):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {"sums": [3.0, 3.0, 3.0]}

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from trd_fast.ops.registry import OpSet
+from trd_fast.ops.registry import STATS_DTYPE, OpSet
 
 # Bytes of tiles one block may use, per device type (Problem.row_block turns it into R rows).
 TILE_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
@@ -278,7 +278,7 @@ class Engine:
         p = self.problem
         device = p.student.hidden.device
         values = torch.empty(p.rows, dtype=torch.float32, device=device)
-        stats = torch.empty((p.rows, 3), dtype=p.dtype, device=device)  # the kernels' stats dtype is the tiles'
+        stats = torch.empty((p.rows, 3), dtype=STATS_DTYPE, device=device)
         width = p.support_width if p.gathers else 0
         ids = torch.empty((p.rows, width), dtype=torch.int64, device=device)
         teacher = torch.empty((p.rows, width), dtype=p.dtype, device=device)

@@ -21,7 +21,7 @@ from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model_directory
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.engine import Engine, build_engine
-from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate
+from trd_fast.trainer.run.evaluate import EVAL_SEED, accuracy, evaluate
 from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, merge_records, plot_curves, read_metrics
 from trd_fast.trainer.run.schedule import cosine_schedule
@@ -117,10 +117,9 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
         record = _one_step(config, task, engine, tokenize, train_examples, step, generator, optimizer, scheduler,
                            epistemic, world)
         if config.run.eval_every and (step + 1) % config.run.eval_every == 0:
-            with unsharded(model):  # rank 0 evaluates; the others wait for it in the next collective
-                if world.main:
-                    record["eval_accuracy"] = evaluate(engine.student, task, tokenize, eval_examples,
-                                                       max_new_tokens=config.rollout.max_new_tokens).accuracy
+            eval_accuracy = _evaluate_shared(engine, task, tokenize, eval_examples, config, world)
+            if world.main:
+                record["eval_accuracy"] = eval_accuracy
         if world.main:
             log.write(record)
         last = step + 1 == o.steps
@@ -130,11 +129,15 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
             else:
                 save_checkpoint(out, step=step + 1, **saved)
 
-    records = read_metrics(out / METRICS) if world.main else []
-    if world.main:
-        plot_curves(records, out / CURVES, f"{config.distill.mode} ({config.distill.teacher_source} teacher)")
+    state = _student_state(model, world) if config.run.save_student else None  # the run's last collective
+    # Rank 0's own work from here on (the curves, the student's files) follows the last collective, so no rank waits
+    # for it in one and no collective timeout applies to it, however large the model or slow the disk.
+    if not world.main:
+        return []
+    records = read_metrics(out / METRICS)
+    plot_curves(records, out / CURVES, f"{config.distill.mode} ({config.distill.teacher_source} teacher)")
     if config.run.save_student:
-        _save_student(model, engine.tokenizer, out / "student", world)
+        _save_student(model, engine.tokenizer, out / "student", state)
     return records
 
 
@@ -143,7 +146,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     """One optimizer step on this rank's share of the step's batch; the step's record on rank 0, else None."""
     clock = time.perf_counter
     began = clock()
-    rows = world.rows(batch_positions(step, config.optim.batch_size, len(examples), config.run.seed))
+    rows = world.share(batch_positions(step, config.optim.batch_size, len(examples), config.run.seed))
     engine.student.new_step()
     engine.teacher.new_step()
     engine.student_model.eval()
@@ -203,6 +206,16 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     return record
 
 
+def _evaluate_shared(engine, task, tokenize, examples, config, world: World) -> float:
+    """The student's greedy accuracy on `examples`, data parallel: each rank evaluates its contiguous share with the
+    unsharded student (no collective inside, so shares of different lengths are fine) and the verified counts are
+    summed over ranks. Greedy decoding makes it the accuracy one process finds on all of `examples`."""
+    with unsharded(engine.student_model):
+        counts = evaluate(engine.student, task, tokenize, world.share(examples),
+                          max_new_tokens=config.rollout.max_new_tokens).verified
+    return accuracy(*world.sum([float(c) for c in counts]))
+
+
 def _token_ids(tokenizer, words: Sequence[str]) -> torch.Tensor:
     """Ids of the single-token spellings of `words` (with and without a leading space)."""
     ids = set()
@@ -214,15 +227,17 @@ def _token_ids(tokenizer, words: Sequence[str]) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.int64)
 
 
-def _save_student(model, tokenizer, directory: Path, world: World) -> None:
-    """The trained student as a plain model directory (LoRA adapters merged into a copy of the weights; a sharded
-    student gathered into its full state dict on rank 0, which alone writes)."""
-    if world.distributed:
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if world.main:
-            save_model_directory(model, tokenizer, directory, state_dict=state)
-        world.barrier()
-        return
-    if hasattr(model, "merge_and_unload"):
+def _student_state(model, world: World) -> dict[str, torch.Tensor] | None:
+    """A sharded student's full state dict, gathered tensor by tensor into rank 0's CPU memory (a collective: every
+    rank calls it; the others get an empty dict); None for a model in one process, which saves itself."""
+    if not world.distributed:
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_student(model, tokenizer, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
+    """The trained student as a plain model directory: a sharded student's gathered `state`, or (state None) the
+    model's own weights, LoRA adapters merged into a copy of them."""
+    if state is None and hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
-    save_model_directory(model, tokenizer, directory)
+    save_model_directory(model, tokenizer, directory, state_dict=state)

@@ -44,6 +44,9 @@ def save_sharded(directory: Path, *, step: int, model, optimizer, scheduler, gen
              "model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              f"rng_rank{world.rank}": _rng_state(generator)}
     dcp.save(state, checkpoint_id=temporary)  # returns on every rank once all have written and the metadata is in
+    # Rank 0 alone renames and prunes while the others wait in the barrier: one rename and the unlinking of the older
+    # checkpoint's files (one per rank and the metadata), a few file-system operations whatever the model's size,
+    # so the wait stays far below run.collective_timeout_s. The writing itself is spread over the ranks.
     if world.main:
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)

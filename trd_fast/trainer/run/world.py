@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 # The variables torchrun sets in every process it starts.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -29,10 +32,12 @@ class World:
         """Rank 0: the one process that writes files, logs and shows progress."""
         return self.rank == 0
 
-    def rows(self, global_rows: list[int]) -> list[int]:
-        """This rank's contiguous share of a global batch (its length a multiple of the world size)."""
-        share = len(global_rows) // self.size
-        return global_rows[self.rank * share:(self.rank + 1) * share]
+    def share(self, items: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous share of `items`: rank r takes items [r*n//size, (r+1)*n//size), so the shares
+        are equal when the world size divides n (a step's global batch) and differ by at most one item otherwise
+        (an evaluation set); in rank order they are `items` again."""
+        n = len(items)
+        return items[self.rank * n // self.size:(self.rank + 1) * n // self.size]
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over every rank (fp64; NaN and inf propagate); the values themselves on one process."""
@@ -69,11 +74,33 @@ def rank_device(device: str) -> torch.device:
     return torch.device(chosen.type, int(os.environ["LOCAL_RANK"]))
 
 
+# The rendezvous store of each launcher address, kept for the life of the process (hosted by rank 0, or by
+# torchrun's agent), and how many process groups have started on it. A group that rendezvoused anew after an earlier
+# one in the same processes could reach the earlier group's store (still up on rank 0, its keys still there) before
+# rank 0 had taken it down: that rank took the other's stale address, finished its set-up at once and hung in its
+# first collective until the timeout, while the other waited for it in its own set-up.
+_STORES: dict[tuple[object, ...], dist.Store] = {}
+_GROUPS_STARTED: Counter[tuple[object, ...]] = Counter()
+
+
+def _fresh_namespace(timeout: timedelta) -> dist.Store:
+    """The keys of the next process group: a prefix never used before on this process's one rendezvous store (every
+    rank starts its runs' groups in the same order, so their prefixes agree)."""
+    address = (os.getpid(), *(os.environ[name] for name in LAUNCHER_VARIABLES))  # a forked child's own
+    if address not in _STORES:
+        _STORES[address] = next(dist.rendezvous("env://", timeout=timeout))[0]
+    _STORES[address].set_timeout(timeout)
+    _GROUPS_STARTED[address] += 1
+    return dist.PrefixStore(f"trd_fast/group-{_GROUPS_STARTED[address]}", _STORES[address])
+
+
 @contextmanager
 def run_world(device: str, *, batch_size: int, micro_batches: int, timeout_s: float) -> Iterator[World]:
     """The run's World for its lifetime. Under a launcher it starts the process group (nccl on CUDA, gloo on CPU,
-    collectives failing after `timeout_s`) unless one is already up, and takes it down at the end; an exception on
-    this rank is printed with the rank and aborts the group, so the other ranks fail at once instead of waiting.
+    collectives failing after `timeout_s`; its keys in a fresh namespace of the process's one rendezvous store, so
+    runs may follow one another in the same processes) unless one is already up, and takes it down at the end; an
+    exception on this rank is printed with the rank and aborts the group, so the other ranks fail at once instead of
+    waiting.
     ValueError (before any work) when the global batch does not split evenly into `micro_batches` per rank."""
     if not launched() and not dist.is_initialized():
         yield World(rank=0, size=1, device=torch.device(device), distributed=False)
@@ -87,7 +114,9 @@ def run_world(device: str, *, batch_size: int, micro_batches: int, timeout_s: fl
     if owned:
         if target.type == "cuda":
             torch.cuda.set_device(target)
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", store=_fresh_namespace(timeout),
+                                rank=int(os.environ["RANK"]), world_size=size, timeout=timeout,
                                 device_id=target if target.type == "cuda" else None)
     world = World(rank=dist.get_rank(), size=dist.get_world_size(), device=target, distributed=True)
     try:
