@@ -144,41 +144,45 @@ def verify(logits: Tensor, drafts: Tensor, lengths: Tensor, sampling: SamplingCo
 
 @torch.no_grad()
 def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], heads: Sequence[Tensor],
-                  history: Sequence[Tensor] | None, state: CachedBatch | None, trace: Trace, alive: Tensor,
+                  history: Sequence[list[int]] | None, state: CachedBatch | None, trace: Trace, alive: Tensor,
                   budget: Tensor, sampling: SamplingConfig, generator: torch.Generator, capture: bool,
                   progress: str | None) -> None:
     """Generate for the alive rows (indices [A] into the trace and the drafter; `state` holds them in that order,
     None before their prompts) until each stops at EOS or at its budget (budget [R]: the trace length it may
     reach). Each forward feeds row i heads[i] (its prompt, or its pending token) and its draft, after
-    history[i] (the tokens `state` holds for it; None: nothing). `rows[r]` is trace row r's ledger id; each
+    history[i] (the token ids `state` holds for it; None: nothing). `rows[r]` is trace row r's ledger id; each
     forward is recorded in the ledger as it is fed, rejected draft tails included."""
     device = runner.device
-    history = list(history) if history is not None else [h[:0] for h in heads]
+    history = [list(h) for h in history] if history is not None else [[] for _ in heads]
     heads = list(heads)
+    fed_heads = [h.tolist() for h in heads]
     bar = tqdm(desc=progress, disable=progress is None, leave=False)
     while len(alive):
         order = alive.tolist()
         room = (budget[alive] - trace.lengths[alive] - 1).tolist()          # tokens before the final draw
         proposals = [drafter.propose(i, r) for i, r in zip(order, room)]
-        lengths = torch.tensor([len(p) for p in proposals], device=device)   # [A]
-        width = max(len(p) for p in proposals)
-        drafts = torch.zeros(len(order), width, dtype=torch.int64, device=device)  # [A, D]
-        for i, p in enumerate(proposals):
-            drafts[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
-        tails = [drafts[i, :len(p)] for i, p in enumerate(proposals)]
+        counts = [len(p) for p in proposals]
+        width = max(counts)
+        drafts = torch.tensor([p + [runner.pad_id] * (width - len(p)) for p in proposals], dtype=torch.int64,
+                              device=device).view(len(order), width)       # [A, D]
+        tails = torch.tensor([t for p in proposals for t in p], dtype=torch.int64, device=device).split(counts)
         logits, state = runner.prefill([rows[i] for i in order], heads, tails, keep=width + 1, state=state,
                                        history=history, draft=True)         # [A, 1 + D, V]
-        accepted, token = verify(logits, drafts, lengths, sampling, generator, runner.vocab_size)
+        accepted, token = verify(logits, drafts, torch.tensor(counts, device=device), sampling, generator,
+                                 runner.vocab_size)
         runner.counters.accepted_tokens += int(accepted.sum())
         _record(runner, trace, alive, logits, drafts, accepted, token, capture)
-        for i, p, a, t in zip(order, proposals, accepted.tolist(), token.tolist()):
+        taken, drawn = accepted.tolist(), token.tolist()
+        for i, p, a, t in zip(order, proposals, taken, drawn):
             drafter.advance(i, p[:a] + [t], a)
         going = (token != runner.eos_id) & (trace.lengths[alive] < budget[alive])
         keep = going.nonzero()[:, 0]
         if len(keep):
             state = _drop_rejected(state, accepted, width, keep)
-            history = [torch.cat([history[i], heads[i], tails[i][:int(accepted[i])]]) for i in keep.tolist()]
-            heads = [token[i:i + 1] for i in keep.tolist()]
+            kept = keep.tolist()
+            history = [history[i] + fed_heads[i] + proposals[i][:taken[i]] for i in kept]
+            fed_heads = [[drawn[i]] for i in kept]
+            heads = list(token[keep].view(-1, 1).unbind(0))
         alive = alive[keep]
         bar.update(1)
     bar.close()
