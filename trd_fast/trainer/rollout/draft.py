@@ -191,11 +191,11 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
 def _record(runner: Runner, trace: Trace, alive: Tensor, logits: Tensor, drafts: Tensor, accepted: Tensor,
             token: Tensor, capture: bool) -> None:
     """Each alive row's accepted draft tokens, then its own token, into the trace with their slots' logits."""
-    for j in range(int(accepted.max()) + 1):
-        at = (accepted >= j).nonzero()[:, 0]
-        drawn = token[at] if j == drafts.shape[1] else torch.where(accepted[at] > j, drafts[at, j], token[at])
-        raw = logits[at, j]                                                          # [a, V]
-        trace.add(alive[at], drawn, trd_fast.token_logprobs(raw, drawn), raw if capture else None, runner.eos_id)
+    slots = torch.arange(logits.shape[1], device=logits.device)                        # [1 + D]
+    padded = torch.cat([drafts, token[:, None]], dim=1)                                 # [A, 1 + D]
+    tokens = torch.where(slots < accepted[:, None], padded, token[:, None])             # [A, 1 + D]
+    trace.add_runs(alive, tokens, trd_fast.token_logprobs(logits, tokens), logits if capture else None,
+                   accepted + 1, runner.eos_id)
 
 
 def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, keep: Tensor) -> CachedBatch:
