@@ -5,8 +5,9 @@ token counters (teacher prefill, decode and draft tokens apart, forwards, draft 
     .venv/bin/python -m bench.engine_step --smoke    # 1 repeat, small batch (JSON to the temp dir)
 
 Each run trains `repeats` single steps from the shipped student on the same prompts and the same sampling seed
-(so the same rollouts y_o; the greedy teacher writes the same y_r with or without drafts); times are medians over
-the repeats, counters come from the last (they are the same in every repeat: the runs are deterministic). trd
+(so the same rollouts y_o; the greedy teacher writes the same y_r with or without drafts). The repeats go round
+the runs in turn, so a change in the machine's load reaches every run alike; times are medians over the
+repeats, counters come from the last (they are the same in every repeat: the runs are deterministic). trd
 runs with plain decoding and with drafts of several lengths (the default length is chosen from them), trd_splice
 with plain decoding and with the default drafts. The targets this checks: no mode re-scores with the teacher;
 drafted trd needs at most 1/3 of plain decoding's teacher forwards and at most 1.25x opd's step time; the
@@ -56,26 +57,35 @@ def run_name(mode: str, chunk: int, draft: int) -> str:
     return f"trd ({drafting})" if mode == "trd" else mode
 
 
-def measure(mode: str, chunk: int, draft: int, repeats: int, batch_size: int) -> dict:
-    records = []
+def one_step(mode: str, chunk: int, draft: int, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        return loop.train(step_config(mode, Path(out), batch_size, chunk, draft), ChainTask())[-1]
+
+
+def measure(repeats: int, batch_size: int) -> list[dict]:
+    records: list[list[dict]] = [[] for _ in RUNS]
     for _ in range(repeats):
-        with tempfile.TemporaryDirectory() as out:
-            records.append(loop.train(step_config(mode, Path(out), batch_size, chunk, draft), ChainTask())[-1])
-    row = {"mode": run_name(mode, chunk, draft), "splice_chunk": chunk, "draft_tokens": draft,
-           **{k: statistics.median(r[k] for r in records) for k in PHASES}}
-    row.update({k: records[-1].get(k) for k in COUNTERS})
-    return row
+        for run, done in zip(RUNS, records):
+            done.append(one_step(*run, batch_size))
+    rows = []
+    for (mode, chunk, draft), done in zip(RUNS, records):
+        row = {"mode": run_name(mode, chunk, draft), "splice_chunk": chunk, "draft_tokens": draft,
+               **{k: statistics.median(r[k] for r in done) for k in PHASES}}
+        row.update({k: done[-1].get(k) for k in COUNTERS})
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="1 repeat, batch 4, JSON to the temp dir")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     batch, repeats = (4, 1) if args.smoke else (args.batch_size, args.repeats)
-    rows = [measure(mode, chunk, draft, repeats, batch) for mode, chunk, draft in RUNS]
+    rows = measure(repeats, batch)
     by_name = {r["mode"]: r for r in rows}
     opd, plain_trd = by_name["opd"], by_name[run_name("trd", 0, 0)]
     drafted_trd = by_name[run_name("trd", 0, DRAFT)]
@@ -83,7 +93,7 @@ def main() -> None:
     document = {
         "machine": harness.machine("cpu"),
         "setup": {"task": "chain", "models": "shipped teacher and student (trd_fast/tasks/checkpoints)",
-                  "batch_size": batch, "repeats": repeats, "dtype": "float32", "threads": 2,
+                  "batch_size": batch, "repeats": repeats, "dtype": "float32", "threads": args.threads,
                   "default_draft_tokens": DRAFT},
         "rows": rows,
         "checks": {
