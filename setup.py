@@ -2,23 +2,17 @@
 
 Environment flags (read at build time):
   TRD_FAST_SKIP_EXT=1      build no extension: the torch-only package (the "torch" backend only).
-  TRD_FAST_FORCE_CUDA=1    build the CUDA sources (csrc/cuda/*.cu); fail if torch has no CUDA or nvcc is
-                           missing. Without it they are built exactly when torch has CUDA and nvcc exists.
-  TRD_FAST_SKIP_CUDA=1     never build the CUDA sources, even where torch has CUDA.
-  TRD_FAST_CUDA_ARCHS      semicolon-separated compute capabilities for the CUDA sources (default "90").
   TRD_FAST_CPU_ISA         SIMD level of the C++ CPU kernels: avx512 | avx2 | default | auto (default: auto,
                            the build host's level as torch reports it). The extension refuses to load on a CPU
                            without that level, naming the flag to rebuild with.
 
-Whether the build host has a GPU never matters: build hosts often have none.
+The extension holds CPU kernels only (CUDA tensors run the Triton kernels), so the build needs no GPU and no nvcc.
 """
 
 import glob
 import os
 
 from setuptools import setup
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Compiler flags and the ATen CPU_CAPABILITY macros for each SIMD level. ATen's at::vec::Vectorized runs
 # scalar code unless CPU_CAPABILITY_<LEVEL> is defined, and the macros need the matching -m flags.
@@ -46,34 +40,13 @@ def cpu_isa() -> str:
     return capability if capability in CPU_ISA_FLAGS else "default"
 
 
-def cuda_wanted() -> bool:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if flag("TRD_FAST_SKIP_CUDA") or not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
-        return False
-    usable = torch.version.cuda is not None and CUDA_HOME is not None
-    if flag("TRD_FAST_FORCE_CUDA") and not usable:
-        raise SystemExit("TRD_FAST_FORCE_CUDA=1 but torch has no CUDA or nvcc was not found (CUDA_HOME)")
-    return usable
-
-
 def extensions():
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CppExtension
 
     isa = cpu_isa()
     cxx = ["-O3", "-fopenmp", "-DTRD_FAST_CPU_ISA=\"" + isa + "\""] + CPU_ISA_FLAGS[isa]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     print(f"trd_fast: building trd_fast._C for CPU ISA {isa}")
-    if cuda_wanted():
-        archs = os.environ.get("TRD_FAST_CUDA_ARCHS", "90").split(";")
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
-        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        print(f"trd_fast: with CUDA sources for sm_{'/'.join(archs)}")
-        return [CUDAExtension("trd_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DTRD_FAST_WITH_CUDA"],
-                                                                          "nvcc": nvcc},
-                              extra_link_args=["-fopenmp"])]
     return [CppExtension("trd_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
 
 

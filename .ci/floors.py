@@ -20,7 +20,7 @@ NOT_PINNED = ("torch", "triton")
 
 def floors(pyproject: Path = PYPROJECT) -> dict[str, str]:
     """{package: lowest version} of every `name>=version` requirement: the dependencies and every extra."""
-    project = tomllib.loads(pyproject.read_text())["project"]
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
     requirements = list(project["dependencies"])
     for extra in project.get("optional-dependencies", {}).values():
         requirements += extra

@@ -12,11 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from trd_fast.reference import effective_divergence
+
 
 def eager_loss(student: torch.Tensor, teacher: torch.Tensor, divergence: str, beta: float = 0.5) -> torch.Tensor:
     """Mean over positions of the per-position divergence; student [N, V] (grad), teacher [N, V]."""
-    if divergence == "jsd" and beta in (0.0, 1.0):  # the contract's limits of the generalized JSD
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    divergence = effective_divergence(divergence, beta)
     log_p = F.log_softmax(student, dim=-1)  # [N, V] student log-probs
     log_q = F.log_softmax(teacher.detach(), dim=-1)  # [N, V] teacher log-probs
     if divergence == "forward_kl":  # sum q (log q - log p)

@@ -56,7 +56,7 @@ def bench_session(request):
     json_path, md_path = run_cpu.output_paths(None, SMOKE)
     harness.write_json(json_path, document)
     summary = harness.markdown_summary(document)
-    md_path.write_text(summary + "\n")
+    md_path.write_text(summary + "\n", encoding="utf-8")
     _summary.update(text=summary, paths=(json_path, md_path))
 
 

@@ -25,7 +25,7 @@ MIB = 1 << 20
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # ----------------------------------------------------------------------------------------------------------
-# Traffic model (DESIGN.md, "Performance contract"); b = bytes per logit, both inputs in the same dtype.
+# Traffic model (docs/design.md, "Performance contract"); b = bytes per logit, both inputs in the same dtype.
 
 TRAFFIC_MODEL = {
     "forward_kl": "forward 2NVb (read student and teacher once) + backward 3NVb (read both, write the gradient)",
@@ -39,7 +39,7 @@ TRAFFIC_MODEL = {
 
 
 def design_bytes(divergence: str, n: int, v: int, itemsize: int, passes: str) -> int:
-    """The design's own traffic: what a kernel built as DESIGN.md says must move."""
+    """The design's own traffic: what a kernel built as docs/design.md says must move."""
     forward = (4 if divergence == "jsd" else 2) * n * v * itemsize
     return forward + (3 * n * v * itemsize if passes == "fwd+bwd" else 0)
 
@@ -76,13 +76,13 @@ class CpuMemoryProbe:
 
     @staticmethod
     def _status_kib(key: str) -> int:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
         return int(match.group(1)) if match else 0
 
     def _probe_works(self) -> bool:
         try:
-            with open("/proc/self/clear_refs", "w") as f:
+            with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
                 f.write("5")
             return self._status_kib("VmHWM") > 0
         except OSError:
@@ -94,7 +94,7 @@ class CpuMemoryProbe:
         gc.collect()
         if self._trim is not None:
             self._trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")
         self.base = self._status_kib("VmRSS") * 1024
 
@@ -134,7 +134,7 @@ def free_bytes(device: str) -> int:
     """Memory a new allocation may take now: MemAvailable on CPU, free device memory on CUDA."""
     if device == "cuda":  # free on the device + what the caching allocator holds but does not use
         return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    with open("/proc/meminfo") as f:
+    with open("/proc/meminfo", encoding="utf-8") as f:
         match = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)
     return int(match.group(1)) * 1024
 
@@ -243,7 +243,7 @@ def copy_bandwidth(device: str, nbytes: int = GIB, rounds: int = 8) -> dict:
 
 def _cpu_model() -> str:
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
         return match.group(1).strip() if match else platform.processor()
     except OSError:
@@ -252,7 +252,7 @@ def _cpu_model() -> str:
 
 def memory_total() -> int | None:
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="utf-8") as f:
             return int(re.search(r"^MemTotal:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
     except (OSError, AttributeError):
         return None
@@ -261,10 +261,10 @@ def memory_total() -> int | None:
 def _git_revision() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             encoding="utf-8", timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, encoding="utf-8", timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (rev + ("+dirty" if dirty else "")) if rev else None
@@ -273,7 +273,7 @@ def _git_revision() -> str | None:
 def loadavg() -> list[float] | None:
     """1, 5 and 15 minute load averages: other work on the machine skews the timings."""
     try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+        return [float(x) for x in Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3]]
     except (OSError, ValueError):
         return None
 
@@ -351,12 +351,12 @@ def write_json(path: Path, document: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    tmp.write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
 
 
-def _fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+def fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return "-" if value is None else f"{value * scale:{spec}}{suffix}"
 
 
@@ -379,15 +379,15 @@ def markdown_table(document: dict, loss_column: bool = False) -> str:
             if row.get("status") != "ok":
                 cells = [label, row["variant"], f"skipped: {row.get('reason', '')}"] + [""] * (len(head) - 3)
             else:
-                cells = [label, row["variant"], _fmt(row["median_s"], ".1f", 1e3), _fmt(row["min_s"], ".1f", 1e3),
-                         str(row["rounds"]), _fmt(row["gb_per_s"], ".1f"), _fmt(row["frac_design"], ".0f", 100),
-                         _fmt(row["frac_ideal"], ".0f", 100), _fmt(row.get("extra_peak_bytes"), ".0f", 1 / MIB),
-                         _fmt(row.get("speedup_vs_eager"), ".2f", suffix="x"),
-                         _fmt(row.get("speedup_vs_compile"), ".2f", suffix="x")]
+                cells = [label, row["variant"], fmt(row["median_s"], ".1f", 1e3), fmt(row["min_s"], ".1f", 1e3),
+                         str(row["rounds"]), fmt(row["gb_per_s"], ".1f"), fmt(row["frac_design"], ".0f", 100),
+                         fmt(row["frac_ideal"], ".0f", 100), fmt(row.get("extra_peak_bytes"), ".0f", 1 / MIB),
+                         fmt(row.get("speedup_vs_eager"), ".2f", suffix="x"),
+                         fmt(row.get("speedup_vs_compile"), ".2f", suffix="x")]
                 if has_liger:
-                    cells.append(_fmt(row.get("speedup_vs_liger"), ".2f", suffix="x"))
+                    cells.append(fmt(row.get("speedup_vs_liger"), ".2f", suffix="x"))
                 if loss_column:
-                    cells.append(_fmt(row.get("loss_rel_diff_vs_eager"), ".1e"))
+                    cells.append(fmt(row.get("loss_rel_diff_vs_eager"), ".1e"))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -405,3 +405,16 @@ def markdown_summary(document: dict, loss_column: bool = False) -> str:
     if notes:
         lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines)
+
+
+def record_losses(trainer) -> list:
+    """The loss of every compute_loss call of `trainer` from now on, appended to the returned list."""
+    losses = []
+    compute_loss = trainer.compute_loss
+
+    def recording(*a, **kw):
+        loss = compute_loss(*a, **kw)
+        losses.append(float(loss.detach()))
+        return loss
+    trainer.compute_loss = recording
+    return losses

@@ -26,7 +26,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
-from trd_fast.ops.backend import resolve  # noqa: E402
+from trd_fast.ops.registry import resolve  # noqa: E402
 
 MIB = 1 << 20
 SHAPES = {  # B, T, V, hidden, layers
@@ -138,7 +138,6 @@ def bench_step(variant: str, shape: dict, rounds: int, warmup: int) -> dict:
             self.peaks.append(probe.end())
 
     meter = Meter()
-    losses = []
     with tempfile.TemporaryDirectory() as out:
         args = GKDConfig(output_dir=out, lmbda=0.0, beta=BETA, max_steps=warmup + rounds,
                          per_device_train_batch_size=shape["batch"], learning_rate=1e-4, report_to=[],
@@ -149,13 +148,7 @@ def bench_step(variant: str, shape: dict, rounds: int, warmup: int) -> dict:
                              data_collator=collate, processing_class=tokenizer(), callbacks=[meter])
         if variant == "trd_fast":
             patch_trl(trainer)
-        compute_loss = trainer.compute_loss
-
-        def recording(*a, **kw):
-            loss = compute_loss(*a, **kw)
-            losses.append(float(loss.detach()))
-            return loss
-        trainer.compute_loss = recording
+        losses = harness.record_losses(trainer)
         trainer.train()
     times, cpu, peaks = meter.times[warmup:], meter.cpu[warmup:], meter.peaks[warmup:]
     return {**harness.summarize(times), "median_cpu_s": statistics.median(cpu), "extra_peak_bytes": _peak(peaks),

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     suite.note_load(document)
     summary = harness.markdown_summary(document)
     harness.write_json(json_path, document)
-    md_path.write_text(summary + "\n")
+    md_path.write_text(summary + "\n", encoding="utf-8")
     print("\n" + summary)
     print(f"\nwrote {json_path} and {md_path} in {document['settings']['wall_s']:.0f} s")
     return 0

@@ -3,11 +3,13 @@
     python3 -m bench.run_gpu --budget-s 150 --out-dir "$OUT"     # on a CUDA machine
     python -m bench.run_gpu --device cpu --smoke                 # tiny shapes on CPU: checks the script itself
 
-forward+backward at N=8192, V in (151936, 32768), bf16 and fp32, each divergence: trd_fast (backend "triton",
-and in place) vs eager torch vs torch.compile of it vs Liger-Kernel's pipeline (log_softmax of both +
-LigerJSD), plus a forward-only row for forward_kl (target: 85% of the 2NVb roofline at the copy bandwidth).
-Cases run in priority order and rows past the time budget are recorded as skipped, so the JSON and the
-summary are always written. fp32 baselines at V=151936 are skipped by design (each fp32 [8192, 151936]
+First the fused linear rows (bench/fused_linear_gpu.py): hidden states and LM heads in, bf16, N=8192, V=151936,
+H=4096, fused_linear_distillation_loss vs TRL's ChunkedDivergenceFunction vs Liger's LigerFusedLinearJSD (time,
+TFLOP/s, extra memory). Then the logits matrix: forward+backward at N=8192, V in (151936, 32768), bf16 and
+fp32, each divergence: trd_fast (backend "triton", and in place) vs eager torch vs torch.compile of it vs
+Liger-Kernel's pipeline (log_softmax of both + LigerJSD), plus a forward-only row for forward_kl (target: 85%
+of the 2NVb roofline at the copy bandwidth). Cases run in priority order and rows past the time budget are
+recorded as skipped, so the JSON and the summary are always written. fp32 baselines at V=151936 are skipped by design (each fp32 [8192, 151936]
 intermediate is 5 GB and eager autograd holds several).
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import baselines, harness, suite
+from bench import baselines, fused_linear_gpu, harness, suite
 
 N = 8192
 VOCABS = (151936, 32768)
@@ -85,6 +87,10 @@ def summary_markdown(document: dict, test_status: str | None) -> str:
     lines = ["# trd_fast GPU check", ""]
     if test_status:
         lines += [f"tests: {test_status}", ""]
+    if document.get("fused_linear"):
+        lines += ["Fused linear (hidden states and LM heads in), forward+backward; TFLOP/s of the 8NVH matmul "
+                  "FLOPs; extra peak beyond the inputs, and beyond the inputs and the returned gradients:", "",
+                  fused_linear_gpu.markdown_table(document["fused_linear"]), ""]
     lines.append(harness.markdown_summary(document, loss_column=True))
     fwd = [(entry, row) for entry in document["cases"] for row in entry["rows"]
            if row.get("passes") == "fwd" and row.get("status") == "ok"]
@@ -157,6 +163,12 @@ def main(argv=None) -> int:
     def save(doc):
         harness.write_json(json_path, doc)
 
+    fused_cases = [case for case in fused_linear_gpu.matrix(device, torch.bfloat16, args.smoke)
+                   if args.only is None or args.only in case.label]
+    document["fused_linear"] = fused_linear_gpu.run(fused_cases, backend, smoke=args.smoke,
+                                                liger_reason=liger_reason or ("disabled" if args.no_liger else None),
+                                                log=lambda line: print(line, flush=True), deadline=deadline)
+    save(document)
     suite.run_matrix(matrix, device, document, log=lambda line: print(line, flush=True), deadline=deadline,
                      on_row=save)
     check_forward_target(document)
@@ -168,7 +180,7 @@ def main(argv=None) -> int:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(json_path, out / json_path.name)
-        (out / "summary.md").write_text(summary)
+        (out / "summary.md").write_text(summary, encoding="utf-8")
     print(f"wrote {json_path} in {document['settings']['wall_s']:.0f} s")
     return 0
 

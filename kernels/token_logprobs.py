@@ -1,7 +1,7 @@
 """Log-probability of one token per row, log softmax(logits / T)[id], and its gradient sweep.
 
 Rows r = b * L + l of logits [B, L, V] with arbitrary strides; a = x / T, lse = logsumexp(a). The ignore id
--100 gives 0 and a zero gradient row.
+IGNORE_INDEX (-100) gives 0 and a zero gradient row.
 """
 
 import torch
@@ -9,8 +9,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from trd_fast import constants
 from trd_fast.kernels.common import cast_for_store, hyper, online_logsumexp, row_offset, split
-from trd_fast.kernels.configs import stream_configs
+from trd_fast.kernels.configs import STREAM_PRUNE, stream_configs
+
+IGNORE_INDEX = tl.constexpr(constants.IGNORE_INDEX)
 
 
 # Id check: every id is in [0, V) or -100. A separate, tiny kernel compiled with debug=True so that its
@@ -28,7 +31,7 @@ def _check_token_ids_kernel(
     idx = start + tl.arange(0, BLOCK)
     mask = idx < N
     ids = tl.load(ids_ptr + idx, mask=mask, other=0)
-    ok = ((ids >= 0) & (ids < V)) | (ids == -100)
+    ok = ((ids >= 0) & (ids < V)) | (ids == IGNORE_INDEX)
     tl.device_assert(ok | (idx >= N), "token_ids: an id outside [0, V) other than the ignore index -100")
 
 
@@ -66,7 +69,7 @@ def _token_logprobs_kernel(
     valid = (token >= 0) & (token < V)
     picked = tl.load(row + tl.where(valid, token, 0) * s_logits_v).to(dt) * inv_t
     # (a[id] - m) - log S rather than a[id] - lse: no rounding of |lse| * eps in the result
-    logprob = tl.where(token == -100, 0.0, tl.where(valid, (picked - m) - log_s, float("nan")))
+    logprob = tl.where(token == IGNORE_INDEX, 0.0, tl.where(valid, (picked - m) - log_s, float("nan")))
     tl.store(logprobs_ptr + r, logprob.to(tl.float32))
     tl.store(lse_ptr + r, lse.to(lse_ptr.dtype.element_ty))
 
@@ -98,7 +101,7 @@ def _token_logprobs_backward_kernel(
     token = tl.load(ids_ptr + r)
     lse = tl.load(lse_ptr + r).to(dt)
     scale = g * inv_t
-    live = (token != -100) & (g != 0.0)
+    live = (token != IGNORE_INDEX) & (g != 0.0)
     live_columns = tl.where(live, V, 0)  # columns to read: V, or none
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
@@ -110,8 +113,9 @@ def _token_logprobs_backward_kernel(
         tl.store(out_row + cols * s_out_v, cast_for_store(grad, out_ptr), mask=inside)
 
 
-token_logprobs_kernel = triton.autotune(configs=stream_configs(), key=["V"])(_token_logprobs_kernel)
-token_logprobs_backward_kernel = triton.autotune(configs=stream_configs(), key=["V"])(
+token_logprobs_kernel = triton.autotune(configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V"])(
+    _token_logprobs_kernel)
+token_logprobs_backward_kernel = triton.autotune(configs=stream_configs(), prune_configs_by=STREAM_PRUNE, key=["V"])(
     _token_logprobs_backward_kernel)
 CHECK_BLOCK = 1024
 

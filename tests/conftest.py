@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 import trd_fast  # noqa: E402
 from trd_fast import reference  # noqa: E402
-from trd_fast.ops import backend as backend_module  # noqa: E402
+from trd_fast.ops import registry as backend_module  # noqa: E402
 
 BACKENDS = ("torch", "cpp", "triton")
 KERNEL_BACKENDS = ("cpp", "triton")

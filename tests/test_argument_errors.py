@@ -74,6 +74,8 @@ CASES = {
     "normalizer-none": ("normalizer", lambda b: loss_call(b, normalizer=torch.tensor(2.0), reduction="none")),
     "normalizer-1d": ("normalizer", lambda b: loss_call(b, normalizer=torch.ones(1))),
     "normalizer-str": ("normalizer", lambda b: loss_call(b, normalizer="6")),
+    "normalizer-nan": ("normalizer", lambda b: loss_call(b, normalizer=float("nan"))),
+    "normalizer-nan-tensor": ("normalizer", lambda b: loss_call(b, normalizer=torch.tensor(float("nan")))),
     # SparseTeacher
     "sparse+top_k": ("top_k", lambda b: loss_call(b, teacher=sparse(torch.zeros(2, 3, 2, dtype=torch.int64)),
                                                    top_k=2)),
@@ -97,6 +99,7 @@ CASES = {
     "ids-101": ("token_ids", lambda b: logprobs_call(b, ids=torch.full((2, 3), -101))),
     "ids-device": ("token_ids", lambda b: logprobs_call(b, ids=torch.zeros(2, 3, dtype=torch.int64, device=META))),
     "logprobs-temperature": ("temperature", lambda b: logprobs_call(b, temperature=0.0)),
+    "logprobs-temperature-nan": ("temperature", lambda b: logprobs_call(b, temperature=float("nan"))),
     "logprobs-backend": ("backend", lambda b: logprobs_call("gpu")),
     # prefix_scan
     "signal-1d": ("signal", lambda b: scan_call(b, signal=torch.zeros(6), lengths=torch.tensor([6]))),
@@ -112,6 +115,7 @@ CASES = {
     "window-float": ("window", lambda b: scan_call(b, window=1.5)),
     "threshold-str": ("threshold", lambda b: scan_call(b, threshold="0.5")),
     "threshold-none": ("threshold", lambda b: scan_call(b, threshold=None)),
+    "threshold-nan": ("threshold", lambda b: scan_call(b, threshold=float("nan"))),
     "scan-backend": ("backend", lambda b: scan_call("numpy")),
 }
 

@@ -10,7 +10,7 @@ from conftest import rand, randn, require_backend
 
 import trd_fast
 from trd_fast import reference
-from trd_fast.ops import backend as backend_module
+from trd_fast.ops import registry as backend_module
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only resolved, never allocated on: no GPU needed

@@ -9,25 +9,28 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental warns
 
 import inspect  # noqa: E402
 import itertools  # noqa: E402
-import random  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 from trl.experimental.gold import GOLDTrainer  # noqa: E402
 
-from trd_fast.integrations import gkd_loss, trl as trl_integration  # noqa: E402
+from tiny_chat import chat_dataset, tiny_lm, tiny_tokenizer  # noqa: E402
+
+from bench.harness import record_losses  # noqa: E402
+from trd_fast.integrations import gkd_loss  # noqa: E402
 from trd_fast.integrations import generalized_jsd_loss, is_patched, patch_trl, unpatch_trl  # noqa: E402
 
 try:
     from trl.experimental.iw_opd import IWOPDTrainer
 except ImportError:  # TRL before 1.12.0 (the supported floor is older) has no IW-OPD trainer
     IWOPDTrainer = None
+try:
+    from trl.trainer.distillation_trainer import DistillationTrainer, _chunked_divergence_loss  # noqa: F401
+except ImportError:  # an older TRL: no DistillationTrainer on hidden states (patch_trl() leaves it out)
+    DistillationTrainer = None
 
 ATTRIBUTE = "generalized_jsd_loss"
 TRAINERS = tuple(cls for cls in (GKDTrainer, GOLDTrainer, IWOPDTrainer) if cls is not None)  # the installed ones
@@ -213,7 +216,7 @@ def test_trl_only_options_run_trls_own_function(cls, extra, monkeypatch):
     student, teacher, labels = make_inputs()
     if extra.get("logits_are_probs"):
         student, teacher = student.softmax(-1), teacher.softmax(-1)
-    monkeypatch.setattr(trl_integration, "jsd_loss", _must_not_be_called)
+    monkeypatch.setattr(gkd_loss, "jsd_loss", _must_not_be_called)
     patch_trl(cls)
     ours = run(cls.generalized_jsd_loss, student, teacher, labels=labels, **extra)
     theirs = run(TRL_LOSS[cls], student, teacher, labels=labels, **extra)
@@ -256,7 +259,7 @@ def test_patch_subclass_and_class_then_unpatch():
 
 def test_patch_all_installed_trainers():
     patched = patch_trl()
-    assert set(patched) == set(TRAINERS) and all(map(is_patched, patched))
+    assert set(patched) == {*TRAINERS, DistillationTrainer} - {None} and all(map(is_patched, patched))
     unpatch_trl()
     assert not any(map(is_patched, patched))
 
@@ -294,38 +297,6 @@ def test_importing_trd_fast_imports_no_trl_and_patches_nothing():
 
 # ------------------------------------------------------------------------------------------------ a real GKDTrainer
 
-WORDS = ["<pad>", "<eos>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(40)]
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer with a chat template, built in memory (no download)."""
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>")
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
-                               "{% if add_generation_prompt %}assistant : {% endif %}")
-    return tokenizer
-
-
-def tiny_lm(seed):
-    """A 2-layer Llama with random weights, spread wide enough that student and teacher disagree."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         initializer_range=0.5, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    return LlamaForCausalLM(config)
-
-
-def chat_dataset(n=8, seed=0):
-    rng = random.Random(seed)
-
-    def text(lo, hi):
-        return " ".join(f"w{rng.randrange(40)}" for _ in range(rng.randint(lo, hi)))
-    return Dataset.from_list([{"messages": [{"role": "user", "content": text(2, 6)},
-                                            {"role": "assistant", "content": text(2, 8)}]} for _ in range(n)])
-
-
 def train_gkd(tmp_path, patch):
     """Two GKDTrainer steps (lmbda=0: the dataset's completions, no generation); the loss of each step."""
     args = GKDConfig(output_dir=str(tmp_path), lmbda=0.0, beta=0.5, max_steps=2, per_device_train_batch_size=2,
@@ -334,14 +305,7 @@ def train_gkd(tmp_path, patch):
     trainer = GKDTrainer(model=tiny_lm(0), teacher_model=tiny_lm(1), args=args, train_dataset=chat_dataset(),
                          processing_class=tiny_tokenizer())
     patch(trainer)
-    losses = []
-    compute_loss = trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        losses.append(float(loss.detach()))
-        return loss
-    trainer.compute_loss = recording
+    losses = record_losses(trainer)
     trainer.train()
     assert trainer.state.global_step == 2 and len(losses) == 4  # 2 steps x 2 accumulated micro-batches
     return losses
@@ -349,11 +313,12 @@ def train_gkd(tmp_path, patch):
 
 def test_gkd_trainer_trains_with_the_patched_loss(tmp_path, monkeypatch):
     calls = []
+    jsd_loss = gkd_loss.jsd_loss
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("num_items_in_batch", args[6] if len(args) > 6 else None))
-        return gkd_loss.jsd_loss(*args, **kwargs)
-    monkeypatch.setattr(trl_integration, "jsd_loss", counting)
+        return jsd_loss(*args, **kwargs)
+    monkeypatch.setattr(gkd_loss, "jsd_loss", counting)
     reference = train_gkd(tmp_path / "trl", lambda trainer: None)
     assert not calls
     ours = train_gkd(tmp_path / "ours", patch_trl)

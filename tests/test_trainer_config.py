@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from trd_fast.trainer.run.config import load_config
+from trd_fast.trainer.run.config import NUMERIC_BOUNDS, TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.student=s", "model.teacher=t", "data.task=chain"]
@@ -53,3 +57,109 @@ def test_a_run_needs_models_and_exactly_one_data_source():
     assert load_config(None, ["model.student=s", "data.task=chain", "distill.teacher_source=self"])
     with pytest.raises(ValueError, match="data.task / data.train_jsonl"):
         load_config(None, BASE + ["data.train_jsonl=x.jsonl"])
+
+
+# Values that used to pass validation and break the run later: each is rejected at load, naming its key.
+RUN_BREAKERS = {
+    "data.train_examples=0": "data.train_examples: must be >= 1, got 0",
+    "data.train_examples=-3": "data.train_examples: must be >= 1, got -3",
+    "data.eval_examples=0": "data.eval_examples: must be >= 1",
+    "model.device=tpu": "model.device: 'tpu': not a device",
+    "model.device=meta": "model.device: 'meta': no meta device on this machine",
+    "optim.lr=.inf": "optim.lr: must be finite, got inf",
+    "optim.lr=.nan": "optim.lr: must be finite, got nan",
+    "optim.min_lr_ratio=-1": "optim.min_lr_ratio: must be in [0, 1], got -1",
+    "optim.min_lr_ratio=1.5": "optim.min_lr_ratio: must be in [0, 1]",
+    "distill.temperature=.inf": "distill.temperature: must be finite, got inf",
+    "optim.weight_decay=-0.1": "optim.weight_decay: must be >= 0, got -0.1",
+    "optim.max_grad_norm=-.inf": "optim.max_grad_norm: must be finite",
+    "distill.dense_target_mb=-1": "distill.dense_target_mb: must be >= 0",
+    "distill.clip=.inf": "distill.clip: must be finite",
+    "distill.prefix_weight=-1": "distill.prefix_weight: must be >= 0",
+    "rollout.teacher_temperature=.inf": "rollout.teacher_temperature: must be finite",
+    "model.lora_alpha=0": "model.lora_alpha: must be > 0",
+    "run.seed=-1": "run.seed: must be in [0, 4294967296), got -1",
+    "run.checkpoint_every=-5": "run.checkpoint_every: must be >= 0",
+    "data.prompt_template='{prompt'": "data.prompt_template: not a format template",
+    "data.refine_template='{prompt} {answer}'": "data.refine_template: unknown placeholder(s) ['answer']",
+    "data.answer_pattern=(": "data.answer_pattern: not a regular expression",
+    "run.output_dir=''": "run.output_dir: an output directory is required",
+}
+
+
+@pytest.mark.parametrize("override", sorted(RUN_BREAKERS))
+def test_values_that_would_break_the_run_name_the_key(override):
+    with pytest.raises(ValueError) as error:
+        load_config(None, BASE + [override])
+    assert str(error.value).startswith(f"config {RUN_BREAKERS[override]}"), str(error.value)
+
+
+def test_every_numeric_field_is_checked_for_finiteness_and_its_bounds():
+    checked = 0
+    for section in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(section.default_factory):
+            default = getattr(section.default_factory(), f.name)
+            if isinstance(default, bool) or not isinstance(default, (int, float)):
+                continue
+            key = f"{section.name}.{f.name}"
+            bounds = NUMERIC_BOUNDS[key]
+            assert bounds.holds(default), key
+            outside = [v for v in (bounds.low, bounds.high) if math.isfinite(v)]
+            outside = [v - 1 if v == bounds.low else v + 1 for v in outside]
+            outside += [v for v, is_open in ((bounds.low, bounds.low_open), (bounds.high, bounds.high_open)) if is_open]
+            if isinstance(default, float):
+                outside += [math.inf, -math.inf, math.nan]
+            for value in outside:
+                with pytest.raises(ValueError, match=f"^config {re.escape(key)}: "):
+                    load_config(None, BASE + [f"{key}={value}"])
+                checked += 1
+    assert checked > 60
+
+
+def test_devices_are_checked_for_availability(monkeypatch):
+    assert load_config(None, BASE + ["model.device=cpu"]).model.device == "cpu"
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    with pytest.raises(ValueError, match=r"^config model.device: 'cuda': no cuda device on this machine "
+                                         r"\(available: cpu\)$"):
+        load_config(None, BASE + ["model.device=cuda"])
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    assert load_config(None, BASE + ["model.device=cuda:0"]).model.device == "cuda:0"
+    with pytest.raises(ValueError, match=r"model.device: 'cuda:3': this machine has 1 cuda device"):
+        load_config(None, BASE + ["model.device=cuda:3"])
+    with pytest.raises(ValueError, match=r"model.device: 'mps': no mps device on this machine \(available: cpu, cuda"):
+        load_config(None, BASE + ["model.device=mps"])
+
+
+def test_config_files_that_are_not_yaml_or_not_utf8_name_the_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  student: s\n  teacher: [t\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"run.yaml' line 4: not valid YAML"):
+        load_config(path)
+    path.write_bytes(b"model:\n  student: caf\xe9\n")
+    with pytest.raises(ValueError, match=r"run.yaml:2: not UTF-8 text \(byte 0xe9 at column 15\)"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"--set 'optim.lr=\[1': not valid YAML"):
+        load_config(None, BASE + ["optim.lr=[1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.train_examples=0", "data.train_examples"), ("data.train_examples=-3", "data.train_examples"),
+    ("model.device=cuda", "model.device"), ("model.device=tpu", "model.device"), ("optim.lr=.inf", "optim.lr"),
+    ("optim.min_lr_ratio=-1", "optim.min_lr_ratio"), ("distill.temperature=.inf", "distill.temperature"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+])
+def test_the_cli_exits_2_with_one_line_naming_the_key_before_any_work(tmp_path, capsys, monkeypatch, override,
+                                                                      key):
+    from trd_fast.cli import main
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(ROOT / "configs" / "chain-trd.yaml"), "--set", f"run.output_dir={out}",
+              "--set", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"trd-fast train: error: config {key}: "), err
+    assert not out.exists()

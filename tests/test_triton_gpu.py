@@ -17,6 +17,7 @@ import torch
 
 import trd_fast
 from trd_fast import reference
+from trd_fast.constants import DIVERGENCES
 
 try:
     from trd_fast.kernels.configs import STREAM_TILES_GPU
@@ -26,8 +27,7 @@ except ImportError:  # triton not installed: everything below skips
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 pytestmark = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset)")
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+KINDS = {name: code for code, name in enumerate(DIVERGENCES)}  # divergence -> kernel code
 
 
 def ops():

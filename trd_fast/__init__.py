@@ -6,10 +6,11 @@ from trd_fast.dependencies import check_version
 
 check_version("torch", torch.__version__, "trd_fast")
 
-from trd_fast.losses import DistillationLoss  # noqa: E402
-from trd_fast.ops import LossOptions, SparseTeacher, distillation_loss, prefix_scan, token_logprobs  # noqa: E402
+from trd_fast.losses import DistillationLoss, FusedLinearDistillationLoss  # noqa: E402
+from trd_fast.ops import (LossOptions, SparseTeacher, distillation_loss, fused_linear_distillation_loss,  # noqa: E402
+                          prefix_scan, token_logprobs)
 
 __version__ = "0.1.0"
 
-__all__ = ["distillation_loss", "token_logprobs", "prefix_scan", "DistillationLoss", "SparseTeacher",
-           "LossOptions", "__version__"]
+__all__ = ["distillation_loss", "fused_linear_distillation_loss", "token_logprobs", "prefix_scan", "DistillationLoss",
+           "FusedLinearDistillationLoss", "SparseTeacher", "LossOptions", "__version__"]

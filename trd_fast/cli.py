@@ -70,7 +70,7 @@ def eval_command(args: argparse.Namespace) -> None:
     result["student"] = student
     print(json.dumps(result, indent=2))
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names it, no traceback
         parser.exit(2, f"trd-fast {args.command}: error: {error}\n")
+    except FloatingPointError as error:  # the run diverged; the message says what was kept
+        parser.exit(1, f"trd-fast {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

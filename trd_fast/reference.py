@@ -12,8 +12,7 @@ import math
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-IGNORE_INDEX = -100
+from trd_fast.constants import IGNORE_INDEX
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -74,6 +73,16 @@ class _Divergence(torch.autograd.Function):
         return grad.to(ctx.student_dtype), None, None, None, None
 
 
+def effective_divergence(divergence: str, beta: float) -> str:
+    """The divergence to compute: jsd at beta 0 is exactly forward_kl and at beta 1 reverse_kl (the contract's
+    limits of the generalized JSD, TRL's convention); anything else unchanged."""
+    if divergence == "jsd" and beta == 0:
+        return "forward_kl"
+    if divergence == "jsd" and beta == 1:
+        return "reverse_kl"
+    return divergence
+
+
 def _gather_support(student: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor):
     """Student and teacher restricted to `ids` ([..., k], -1 = empty slot, which becomes -inf on both)."""
     empty = ids < 0
@@ -89,19 +98,27 @@ def per_position_divergence(student_logits, teacher, *, divergence="forward_kl",
 
     `teacher` is dense logits [..., V_t] or a SparseTeacher. float64 in, float64 out; else float32.
     """
-    if divergence == "jsd" and beta == 0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1:
-        divergence = "reverse_kl"
+    divergence = effective_divergence(divergence, beta)
+    student_sub, teacher_sub, _ = divergence_support(student_logits, teacher, top_k=top_k)
+    return _Divergence.apply(student_sub, teacher_sub.detach(), divergence, beta, temperature)
+
+
+def divergence_support(student_logits, teacher, *, top_k=None):
+    """The columns the divergence is taken over: (student [..., w], teacher [..., w], ids [..., w] or None).
+
+    Dense teacher logits: the common columns [0, min(V_s, V_t)) (ids None: column j is token j), or with
+    `top_k` the teacher's top-k among them (ids: their token ids). SparseTeacher: its ids, an empty slot (-1)
+    -inf on both sides. Differentiable w.r.t. student_logits.
+    """
     if hasattr(teacher, "ids"):  # SparseTeacher: its own support
         student_sub, teacher_sub = _gather_support(student_logits, teacher.logprobs, teacher.ids)
-        return _Divergence.apply(student_sub, teacher_sub.detach(), divergence, beta, temperature)
+        return student_sub, teacher_sub, teacher.ids
     width = min(student_logits.shape[-1], teacher.shape[-1])
-    student_c, teacher_c = student_logits[..., :width], teacher[..., :width].detach()
-    if top_k is not None:
-        ids = teacher_c.topk(min(top_k, width), dim=-1).indices
-        student_c, teacher_c = student_c.gather(-1, ids), teacher_c.gather(-1, ids)
-    return _Divergence.apply(student_c, teacher_c, divergence, beta, temperature)
+    student_c, teacher_c = student_logits[..., :width], teacher[..., :width]
+    if top_k is None:
+        return student_c, teacher_c, None
+    ids = teacher_c.topk(min(top_k, width), dim=-1).indices
+    return student_c.gather(-1, ids), teacher_c.gather(-1, ids), ids
 
 
 def reduce(values, *, clip=None, weight=None, normalizer=None, reduction="mean"):
@@ -131,6 +148,20 @@ def distillation_loss(student_logits, teacher_logits, *, divergence="forward_kl"
                                      temperature=temperature, top_k=top_k)
     loss = reduce(values, clip=clip, weight=weight, normalizer=normalizer, reduction=reduction)
     return (loss, values.detach()) if return_per_token else loss
+
+
+def project_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
+    """An LM head's logits z = c tanh(a (h W^T + b) / c) (c = softcap; z = a (h W^T + b) without one).
+
+    hidden [..., H], weight [V, H], bias [V] -> [..., V], differentiable, in float64 when any input is
+    float64, else float32 (the projection accumulated in that dtype whatever the inputs' dtypes).
+    """
+    dtype = compute_dtype(hidden, weight, *([] if bias is None else [bias]))
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    z = logit_scale * z
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
 def token_logprobs(logits, token_ids, temperature=1.0):

@@ -27,6 +27,7 @@
 // Cost per element: forward_kl / reverse_kl 2 exps in one pass (the next block is prefetched during the exp
 // loop, so the max pass reads it from cache); jsd 2 more exps and a log in pass 2; backward 1-2 exps (+ a log
 // for jsd) in one sweep, a large new gradient written with non-temporal stores. Rows run in parallel.
+#include "constants.h"
 #include "kernels.h"
 #include "online_softmax.h"
 #include "tensor_rows.h"
@@ -35,8 +36,6 @@
 
 namespace trd_fast::cpu {
 namespace {
-
-enum Kind : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
@@ -284,9 +283,11 @@ void check_arguments(const at::Tensor& student, const at::Tensor& teacher, int64
                      double temperature) {
   check_logits(student, "student");
   check_logits(teacher, "teacher");
-  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
-              "student and teacher must share [B, L], got ", student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(kind == kForwardKL || kind == kReverseKL || kind == kJSD, "kind must be 0, 1 or 2, got ", kind);
+  TORCH_CHECK(student.size(0) * student.size(1) == teacher.size(0) * teacher.size(1),
+              "student and teacher must have the same number of rows B * L, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(kind == kForwardKL || kind == kReverseKL || kind == kJSD, "kind must be ", kForwardKL, ", ",
+              kReverseKL, " or ", kJSD, ", got ", kind);
   TORCH_CHECK(kind != kJSD || (beta > 0 && beta < 1), "jsd needs 0 < beta < 1, got ", beta);
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
 }

@@ -6,6 +6,7 @@
 // NaN and +inf logits make the row's lse NaN (a row of -inf has lse = -inf and logprob NaN). An exp may hide a
 // NaN (ATen's exp_u20 clamps), so the pass also accumulates sum e x, which is not finite when a block holds a NaN
 // or an infinity; only then is the block searched for NaN or +inf.
+#include "constants.h"
 #include "kernels.h"
 #include "online_softmax.h"
 #include "tensor_rows.h"
@@ -14,8 +15,6 @@
 
 namespace trd_fast::cpu {
 namespace {
-
-constexpr int64_t kIgnoreIndex = -100;
 
 template <typename acc_t, typename scalar_t>
 bool has_nan_or_pos_inf(const scalar_t* x, int64_t n) {
@@ -100,7 +99,7 @@ at::Tensor checked_ids(const at::Tensor& logits, const at::Tensor& token_ids) {
   const int64_t v = logits.size(2);
   for (int64_t r = 0; r < ids.numel(); ++r) {
     TORCH_CHECK((p[r] >= 0 && p[r] < v) || p[r] == kIgnoreIndex, "token id ", p[r], " at position ", r,
-                " is outside [0, ", v, ") and not -100");
+                " is outside [0, ", v, ") and not ", kIgnoreIndex);
   }
   return ids;
 }

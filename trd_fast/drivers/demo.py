@@ -18,6 +18,7 @@ import torch
 
 from trd_fast.tasks.chain import ChainTask
 from trd_fast.tasks.paths import checkpoint_dir
+from trd_fast.text_files import read_utf8
 from trd_fast.trainer.refine.stats import REFINEMENT
 from trd_fast.trainer.run.config import TrainConfig, from_dict
 from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate_saved
@@ -77,12 +78,12 @@ def run(args: argparse.Namespace) -> dict:
                 train(config, task)
                 _final_eval(done, str(run_dir / "student"), task, held_out, args,
                             extra={"wall_s": time.perf_counter() - began})
-            final = json.loads(done.read_text())
+            final = json.loads(read_utf8(done))
             final["metrics"] = read_metrics(run_dir / METRICS)
             results[method].append(final)
             print(f"{method:>10} seed {seed}: accuracy {final['accuracy']:.3f}")
     report = _report(args, base, results)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _plot(results, base["accuracy"], out / "curves.png")
     print(_table(report))
     print(f"report: {out / 'report.json'}  curves: {out / 'curves.png'}")
@@ -91,12 +92,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def _final_eval(path: Path, model_dir: str, task, examples, args, extra: dict | None = None) -> dict:
     if path.is_file():
-        return json.loads(path.read_text())
+        return json.loads(read_utf8(path))
     result = evaluate_saved(model_dir, task, examples, max_new_tokens=args.max_new_tokens, batch_size=250,
                             progress=not args.no_progress).summary()
     result.update(extra or {})
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     temporary.replace(path)
     return result
 

@@ -26,9 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from trd_fast.constants import IGNORE_INDEX
 from trd_fast.ops import distillation_loss
 
-IGNORE_INDEX = -100
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 

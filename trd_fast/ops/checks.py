@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from trd_fast.constants import FLOAT_DTYPES
+
+
+def describe(x) -> str:
+    """What `x` is, for a message: "float32 tensor", "list", ..."""
+    return f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def float_tensor(name: str, x) -> None:
@@ -34,14 +40,22 @@ def same_shape(name: str, shape, reference_name: str, reference_shape) -> None:
 
 def integer_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.bool:
-        kind = f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name}: expected an integer tensor, got {kind}")
+        raise ValueError(f"{name}: expected an integer tensor, got {describe(x)}")
 
 
 def real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
+    """A real hyper-parameter as a float: not a bool, not NaN (+-inf pass; callers bound their ranges)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)):
         raise ValueError(f"{name}: expected a real number, got {value!r}")
     return float(value)
+
+
+def temperature(value) -> float:
+    """The softmax temperature T of every op: a finite value > 0."""
+    t = real("temperature", value)
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"temperature: expected a finite value > 0, got {value!r}")
+    return t
 
 
 def values_checkable(x: torch.Tensor) -> bool:

@@ -6,10 +6,9 @@ import torch
 
 from trd_fast import reference
 from trd_fast.ops import checks
-from trd_fast.ops.backend import resolve
-from trd_fast.ops.dispatch import opset
 from trd_fast.ops.options import LossOptions
 from trd_fast.ops.reduction import reduce_values
+from trd_fast.ops.registry import opset, resolve
 from trd_fast.ops.rows import as_rows
 from trd_fast.ops.sparse_teacher import SparseTeacher
 
@@ -21,7 +20,7 @@ def distillation_loss(student_logits, teacher_logits, *, divergence="forward_kl"
 
     student_logits [..., V_s] (gradient flows here), teacher_logits [..., V_t] or a SparseTeacher (no
     gradient). Returns the loss, or (loss, per_token [...] fp32) with return_per_token=True. See
-    DESIGN.md for the contract: common vocabulary, -inf handling, clip -> weight -> reduction order.
+    docs/design.md for the contract: common vocabulary, -inf handling, clip -> weight -> reduction order.
     """
     options = LossOptions(divergence, beta, temperature, top_k, clip, reduction)
     _check(student_logits, teacher_logits, options, weight, normalizer, return_per_token, inplace_backward)
@@ -74,39 +73,52 @@ def _check(student, teacher, options: LossOptions, weight, normalizer, return_pe
     checks.logits("student_logits", student)
     lead = student.shape[:-1]
     if isinstance(teacher, SparseTeacher):
-        if options.top_k is not None:
-            raise ValueError("top_k: cannot be combined with a SparseTeacher (its ids are the support)")
-        checks.same_shape("teacher_logits (SparseTeacher) leading shape", teacher.shape[:-1],
-                          "student_logits leading shape", lead)
-        checks.same_device("teacher_logits", teacher.ids, "student_logits", student)
-        if checks.values_checkable(teacher.ids):
-            _check_sparse_ids(teacher.ids, student.shape[-1])
+        check_sparse_teacher("teacher_logits", teacher, options, student, "student_logits", student.shape[-1])
     else:
         checks.logits("teacher_logits", teacher)
         checks.same_shape("teacher_logits leading shape", teacher.shape[:-1], "student_logits leading shape", lead)
         checks.same_device("teacher_logits", teacher, "student_logits", student)
+    check_reduction_arguments(options, weight, normalizer, student, "student_logits")
+    for flag_name, flag in (("return_per_token", return_per_token), ("inplace_backward", inplace_backward)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{flag_name}: expected a bool, got {flag!r}")
+
+
+def check_sparse_teacher(name: str, teacher: SparseTeacher, options: LossOptions, student, student_name: str,
+                         vocab: int) -> None:
+    """A SparseTeacher passed as `name` against the student input `student` [..., *] with `vocab` columns."""
+    if options.top_k is not None:
+        raise ValueError("top_k: cannot be combined with a SparseTeacher (its ids are the support)")
+    checks.same_shape(f"{name} (SparseTeacher) leading shape", teacher.shape[:-1],
+                      f"{student_name} leading shape", student.shape[:-1])
+    checks.same_device(name, teacher.ids, student_name, student)
+    if checks.values_checkable(teacher.ids):
+        _check_sparse_ids(name, teacher.ids, vocab)
+
+
+def check_reduction_arguments(options: LossOptions, weight, normalizer, student, student_name: str) -> None:
+    """weight [...] and normalizer against the student input `student` [..., *] (its leading shape, its device)."""
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or weight.is_complex():
             raise ValueError(f"weight: expected a bool or real tensor, got {type(weight).__name__}")
-        checks.same_shape("weight", weight.shape, "student_logits leading shape", lead)
-        checks.same_device("weight", weight, "student_logits", student)
+        checks.same_shape("weight", weight.shape, f"{student_name} leading shape", student.shape[:-1])
+        checks.same_device("weight", weight, student_name, student)
     if normalizer is not None:
         if options.reduction != "mean":
             raise ValueError(f"normalizer: only valid with reduction='mean', got reduction={options.reduction!r}")
         if isinstance(normalizer, torch.Tensor):
             if normalizer.dim() != 0 or normalizer.is_complex():
                 raise ValueError(f"normalizer: expected a float or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+            if checks.values_checkable(normalizer) and bool(normalizer.isnan()):
+                raise ValueError("normalizer: expected a real number, got a NaN tensor")
         else:
             checks.real("normalizer", normalizer)
-    for flag_name, flag in (("return_per_token", return_per_token), ("inplace_backward", inplace_backward)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{flag_name}: expected a bool, got {flag!r}")
 
 
-def _check_sparse_ids(ids: torch.Tensor, vocab: int) -> None:
+def _check_sparse_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
     if ids.numel() and not bool(((ids >= -1) & (ids < vocab)).all()):
-        raise ValueError(f"teacher_logits (SparseTeacher) ids: expected values in [0, {vocab}) or -1 for an empty "
+        raise ValueError(f"{name} (SparseTeacher) ids: expected values in [0, {vocab}) or -1 for an empty "
                          f"slot, got min {int(ids.min())}, max {int(ids.max())}")
     ordered = ids.sort(dim=-1).values
     if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
-        raise ValueError("teacher_logits (SparseTeacher) ids: ids must be distinct within a position")
+        raise ValueError(f"{name} (SparseTeacher) ids: ids must be distinct within a position")

@@ -9,8 +9,7 @@ import torch
 
 from trd_fast import reference
 from trd_fast.ops import checks
-from trd_fast.ops.backend import resolve
-from trd_fast.ops.dispatch import opset
+from trd_fast.ops.registry import opset, resolve
 
 
 def prefix_scan(signal, lengths, *, threshold, window=1, backend=None):

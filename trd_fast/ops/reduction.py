@@ -22,16 +22,39 @@ def reduce_values(values: torch.Tensor, *, clip: float | None, weight: torch.Ten
     total = values.sum()
     if reduction == "sum":
         return total
-    # Built on the device (a fill, never a host-to-device copy of a Python number).
-    if normalizer is None:
-        normalizer = w.sum() if weight is not None else _device_scalar(values.numel(), values)
-    elif isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.detach().to(device=values.device, dtype=torch.float32)
-    else:
-        normalizer = _device_scalar(normalizer, values)
+    normalizer = mean_normalizer(weight, normalizer, values.numel(), values)
     zero = normalizer == 0
     safe = torch.where(zero, torch.ones_like(normalizer), normalizer)
     return torch.where(zero, torch.zeros_like(total), total / safe)
+
+
+def mean_normalizer(weight: torch.Tensor | None, normalizer, count: int, like: torch.Tensor) -> torch.Tensor:
+    """The 0-d fp32 denominator of "mean" on like's device: `normalizer`, or sum(weight), or `count`."""
+    # Built on the device (a fill, never a host-to-device copy of a Python number).
+    if normalizer is None:
+        return weight.detach().to(torch.float32).sum() if weight is not None else _device_scalar(count, like)
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.detach().to(device=like.device, dtype=torch.float32)
+    return _device_scalar(normalizer, like)
+
+
+def reduction_gradient(values: torch.Tensor, *, clip: float | None, weight: torch.Tensor | None,
+                       scale: torch.Tensor) -> torch.Tensor:
+    """d reduce_values / d values [...] fp32 for "sum" (scale 1) or "mean" (scale 1 / normalizer, 0 for a zero
+    normalizer): the weight (1 without one), 0 where it is 0 and where the value is clipped (values > clip)."""
+    grad = scale.to(torch.float32).expand(values.shape)
+    if weight is not None:
+        w = weight.detach().to(torch.float32)
+        grad = torch.where(w == 0, torch.zeros_like(w), w * grad)
+    if clip is not None:
+        grad = torch.where(values > clip, torch.zeros_like(grad), grad)
+    return grad
+
+
+def mean_scale(normalizer: torch.Tensor) -> torch.Tensor:
+    """1 / normalizer, or 0 for a zero normalizer (then the loss and its gradient are 0)."""
+    zero = normalizer == 0
+    return torch.where(zero, torch.zeros_like(normalizer), 1 / torch.where(zero, torch.ones_like(normalizer), normalizer))
 
 
 def _device_scalar(value, like: torch.Tensor) -> torch.Tensor:

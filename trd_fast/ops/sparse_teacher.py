@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trd_fast.ops import checks
+
 
 @dataclass(frozen=True)
 class SparseTeacher:
@@ -19,11 +21,9 @@ class SparseTeacher:
     logprobs: torch.Tensor  # [..., k] float log-probabilities (or logits) of those ids
 
     def __post_init__(self):
-        if not isinstance(self.ids, torch.Tensor) or self.ids.dtype.is_floating_point or self.ids.is_complex() \
-                or self.ids.dtype == torch.bool:
-            raise ValueError(f"SparseTeacher.ids: expected an integer tensor, got {_describe(self.ids)}")
+        checks.integer_tensor("SparseTeacher.ids", self.ids)
         if not isinstance(self.logprobs, torch.Tensor) or not self.logprobs.dtype.is_floating_point:
-            raise ValueError(f"SparseTeacher.logprobs: expected a float tensor, got {_describe(self.logprobs)}")
+            raise ValueError(f"SparseTeacher.logprobs: expected a float tensor, got {checks.describe(self.logprobs)}")
         if self.ids.dim() == 0 or self.ids.shape != self.logprobs.shape:
             raise ValueError(f"SparseTeacher: ids {tuple(self.ids.shape)} and logprobs "
                              f"{tuple(self.logprobs.shape)} must have the same shape [..., k]")
@@ -42,7 +42,3 @@ class SparseTeacher:
 
     def detach(self) -> "SparseTeacher":
         return SparseTeacher(self.ids, self.logprobs.detach())
-
-
-def _describe(x) -> str:
-    return f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__

@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 
 from trd_fast import reference
+from trd_fast.constants import IGNORE_INDEX
 from trd_fast.ops import checks
-from trd_fast.ops.backend import resolve
-from trd_fast.ops.dispatch import opset
+from trd_fast.ops.registry import opset, resolve
 from trd_fast.ops.rows import as_rows, rows_like
-
-IGNORE_INDEX = -100
 
 
 def token_logprobs(logits, token_ids, temperature=1.0, backend=None):
@@ -22,9 +20,7 @@ def token_logprobs(logits, token_ids, temperature=1.0, backend=None):
     checks.integer_tensor("token_ids", token_ids)
     checks.same_shape("token_ids", token_ids.shape, "logits leading shape", logits.shape[:-1])
     checks.same_device("token_ids", token_ids, "logits", logits)
-    temperature = checks.real("temperature", temperature)
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature: expected a finite value > 0, got {temperature!r}")
+    temperature = checks.temperature(temperature)
     vocab = logits.shape[-1]
     if checks.values_checkable(token_ids) and token_ids.numel():
         valid = ((token_ids >= 0) & (token_ids < vocab)) | (token_ids == IGNORE_INDEX)

@@ -1,9 +1,9 @@
-"""The Triton backend: the six kernel ops (see opset.py) as torch.library.triton_op over trd_fast.
+"""The Triton backend: implementations of the six kernel ops (see registry.py) over the launchers in kernels/.
 
-trd_fast::<name>_triton has the schema and semantics of the C++ op trd_fast::<name>. A triton_op is its own
-fake implementation (torch.compile traces through it down to the wrap_triton launches), so only the autograd
-wiring is registered here. Imported by trd_fast.ops when triton is installed and CUDA is available or
-TRITON_INTERPRET=1 (the interpreter runs the kernels on CPU tensors; torch.compile and opcheck need CUDA).
+registry.register() defines each as the torch.library.triton_op trd_fast::<name>_triton, with the schema and
+semantics of the C++ op trd_fast::<name>, and registers their autograd. A triton_op is its own fake
+implementation (torch.compile traces through it down to the wrap_triton launches). Under TRITON_INTERPRET=1
+the interpreter runs the kernels on CPU tensors; torch.compile and opcheck of these ops need CUDA.
 
 Numerics: fp32 math for fp32 / bf16 / fp16 inputs; fp64 math for float64 inputs (either divergence input).
 """
@@ -12,18 +12,16 @@ import contextlib
 
 import torch
 import triton
-from torch.library import triton_op
 
 from trd_fast.dependencies import check_version
 
 check_version("triton", triton.__version__, "trd_fast's Triton backend")
 
+from trd_fast.constants import FLOAT_DTYPES  # noqa: E402
 from trd_fast.kernels import (check_token_ids, divergence_backward, divergence_forward, segmented_scan,  # noqa: E402
                               token_logprobs_backward, token_logprobs_forward)
-from trd_fast.ops.opset import OpSet, register_autograd, stats_dtype  # noqa: E402
-
-TRITON_OPS = OpSet(suffix="_triton")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from trd_fast.ops import checks  # noqa: E402
+from trd_fast.ops.registry import stats_dtype  # noqa: E402
 
 
 def _device_guard(x: torch.Tensor):
@@ -31,18 +29,19 @@ def _device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check_rows(name: str, x: torch.Tensor, lead=None) -> None:
+def _check_rows(name: str, x: torch.Tensor) -> None:
+    checks.float_tensor(name, x)
     if x.dim() != 3:
         raise ValueError(f"{name}: expected shape [B, L, V], got {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}: expected float32, bfloat16, float16 or float64, got {x.dtype}")
-    if lead is not None and tuple(x.shape[:2]) != tuple(lead):
-        raise ValueError(f"{name}: leading shape {tuple(x.shape[:2])} does not match {tuple(lead)}")
 
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """Student [Bs, Ls, Vs] and teacher [Bt, Lt, Vt] rows: each side its own [B, L] split of the same rows."""
     _check_rows("student", student)
-    _check_rows("teacher", teacher, student.shape[:2])
+    _check_rows("teacher", teacher)
+    if student.shape[0] * student.shape[1] != teacher.shape[0] * teacher.shape[1]:
+        raise ValueError(f"teacher: {teacher.shape[0] * teacher.shape[1]} rows {tuple(teacher.shape[:2])} but "
+                         f"student has {student.shape[0] * student.shape[1]} {tuple(student.shape[:2])}")
     if teacher.device != student.device:
         raise ValueError(f"teacher: on {teacher.device} but student is on {student.device}")
 
@@ -54,7 +53,6 @@ def _per_row(name: str, x: torch.Tensor, lead, dtype=None) -> torch.Tensor:
     return x.to(dtype or x.dtype).contiguous()
 
 
-@triton_op("trd_fast::divergence_triton", mutates_args=())
 def divergence_triton(student: torch.Tensor, teacher: torch.Tensor, kind: int, beta: float, temperature: float,
                       inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """value [B, L] fp32 and stats [B, L, 3] = (A, B, K) over the common columns; see kernels/divergence.py."""
@@ -74,7 +72,6 @@ def _backward_inputs(grad_value, student, teacher, value, stats):
             _per_row("stats", stats, lead))
 
 
-@triton_op("trd_fast::divergence_backward_triton", mutates_args=())
 def divergence_backward_triton(grad_value: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
                                value: torch.Tensor, stats: torch.Tensor, kind: int, beta: float,
                                temperature: float) -> torch.Tensor:
@@ -86,7 +83,6 @@ def divergence_backward_triton(grad_value: torch.Tensor, student: torch.Tensor, 
     return out
 
 
-@triton_op("trd_fast::divergence_backward__triton", mutates_args={"student"})
 def divergence_backward__triton(grad_value: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
                                 value: torch.Tensor, stats: torch.Tensor, kind: int, beta: float,
                                 temperature: float) -> None:
@@ -96,7 +92,6 @@ def divergence_backward__triton(grad_value: torch.Tensor, student: torch.Tensor,
         divergence_backward(grad_value, student, teacher, value, stats, student, kind, beta, temperature)
 
 
-@triton_op("trd_fast::token_logprobs_triton", mutates_args=())
 def token_logprobs_triton(logits: torch.Tensor, token_ids: torch.Tensor,
                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logprobs [B, L] fp32 (0 where id == -100) and lse [B, L] of logits / T (fp64 for fp64 logits)."""
@@ -112,7 +107,6 @@ def token_logprobs_triton(logits: torch.Tensor, token_ids: torch.Tensor,
     return logprobs, lse
 
 
-@triton_op("trd_fast::token_logprobs_backward_triton", mutates_args=())
 def token_logprobs_backward_triton(grad_logprobs: torch.Tensor, logits: torch.Tensor, token_ids: torch.Tensor,
                                    lse: torch.Tensor, temperature: float) -> torch.Tensor:
     """The gradient w.r.t. logits: a new contiguous [B, L, V] tensor in the logits dtype."""
@@ -127,7 +121,6 @@ def token_logprobs_backward_triton(grad_logprobs: torch.Tensor, logits: torch.Te
     return out
 
 
-@triton_op("trd_fast::prefix_scan_triton", mutates_args=())
 def prefix_scan_triton(signal: torch.Tensor, lengths: torch.Tensor, threshold: float,
                        window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cumsum [B, L] (signal dtype) and first [B] int64; see kernels/prefix_scan.py."""
@@ -145,4 +138,13 @@ def prefix_scan_triton(signal: torch.Tensor, lengths: torch.Tensor, threshold: f
     return cumsum, first
 
 
-register_autograd(TRITON_OPS)
+
+# name -> (implementation, the arguments it writes), defined by registry.register() as trd_fast::<name>_triton
+IMPLEMENTATIONS = {
+    "divergence": (divergence_triton, ()),
+    "divergence_backward": (divergence_backward_triton, ()),
+    "divergence_backward_": (divergence_backward__triton, ("student",)),
+    "token_logprobs": (token_logprobs_triton, ()),
+    "token_logprobs_backward": (token_logprobs_backward_triton, ()),
+    "prefix_scan": (prefix_scan_triton, ()),
+}

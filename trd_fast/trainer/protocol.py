@@ -16,6 +16,7 @@ class Example:
     prompt: str                  # the problem as the task states it (not yet templated)
     solution: str | None = None  # a reference solution: the privileged information of a self-teacher (OPSD)
     answer: str | None = None    # the final answer the verifier checks against
+    origin: str = ""             # where it was read (e.g. "train.jsonl:6"), for error messages; "" if generated
 
 
 class Task(Protocol):

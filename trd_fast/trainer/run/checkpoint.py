@@ -4,6 +4,7 @@ directories, written beside the previous one and swapped in whole."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -15,10 +16,31 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 
 
+class NonFiniteState(FloatingPointError):
+    """The weights or the optimizer state hold NaN or inf: such a state is never written or resumed."""
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """The parameters that train (all of them, or only the LoRA adapters)."""
     names = {name for name, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def non_finite_values(state, prefix: str = "") -> list[str]:
+    """Where `state` (tensors, floats, and dicts, lists and tuples of them) holds NaN or inf: the key paths of the
+    offending floating-point tensors and floats, e.g. "optimizer.state.3.exp_avg"."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, float):
+        return [] if math.isfinite(state) else [prefix]
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [where for key, value in items
+            for where in non_finite_values(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def save_checkpoint(directory: Path, *, step: int, model, optimizer, scheduler, generator: torch.Generator) -> Path:
@@ -33,7 +55,10 @@ def save_checkpoint(directory: Path, *, step: int, model, optimizer, scheduler, 
         "numpy_rng": np.random.get_state(),
     }
     path = directory / CHECKPOINT
-    atomic_save(state, path)
+    try:
+        atomic_save(state, path)
+    except NonFiniteState as error:
+        raise NonFiniteState(f"step {step}: {error}; the run stops here") from None
     return path
 
 
@@ -47,6 +72,10 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     if missing:
         raise ValueError(f"checkpoint {path} does not match the model: {len(missing)} trainable tensors missing, "
                          f"e.g. {sorted(missing)[0]!r} (a different student or LoRA setting?)")
+    bad = non_finite_values(state)
+    if bad:
+        raise NonFiniteState(f"checkpoint {path} holds NaN or inf in {len(bad)} value(s) (first: {bad[0]}); it "
+                             f"cannot be resumed: remove it, or set run.resume=false")
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -59,7 +88,9 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
 
 def atomic_save(state: dict, path: Path) -> None:
     """torch.save `state` to `path` through a temporary file beside it, flushed to disk and renamed over `path`:
-    `path` holds the previous state or the new one, never a partial write."""
+    `path` holds the previous state or the new one, never a partial write. A state holding NaN or inf is not
+    written (NonFiniteState, `path` unchanged)."""
+    _refuse_non_finite(state, path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, temporary)
     with open(temporary, "rb") as f:
@@ -69,7 +100,9 @@ def atomic_save(state: dict, path: Path) -> None:
 
 def save_model_directory(model, tokenizer, directory: Path) -> None:
     """`model` and `tokenizer` as a Hugging Face model directory: saved into a sibling, then swapped in for
-    `directory` (the previous one is renamed away first and removed last)."""
+    `directory` (the previous one is renamed away first and removed last). Weights holding NaN or inf are not
+    written (NonFiniteState, `directory` unchanged)."""
+    _refuse_non_finite(model.state_dict(), directory)
     temporary, previous = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
@@ -79,3 +112,10 @@ def save_model_directory(model, tokenizer, directory: Path) -> None:
         os.replace(directory, previous)
     os.replace(temporary, directory)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def _refuse_non_finite(state, path: Path) -> None:
+    bad = non_finite_values(state)
+    if bad:
+        kept = f"{path} keeps its previous content" if path.exists() else f"{path} was not written"
+        raise NonFiniteState(f"{len(bad)} value(s) to save hold NaN or inf (first: {bad[0]}); {kept}")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+from trd_fast.text_files import read_utf8
 
 MODES = ("opd", "trd", "trd_splice")
 TEACHER_SOURCES = ("external", "self")
@@ -116,41 +121,139 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric config value must lie in (every float must also be finite)."""
+    low: float = -math.inf             # smallest allowed value
+    high: float = math.inf             # largest allowed value
+    low_open: bool = False             # the low end itself is excluded
+    high_open: bool = False            # the high end itself is excluded
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = (str(int(v)) if float(v).is_integer() else f"{v:g}" for v in (self.low, self.high))
+        if self.high == math.inf:
+            return f"must be {'>' if self.low_open else '>='} {low}"
+        return f"must be in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+ANY, POSITIVE, AT_LEAST_0, AT_LEAST_1, UNIT = Bounds(), Bounds(0, low_open=True), Bounds(0), Bounds(1), Bounds(0, 1)
+
+# Every numeric field of every section ("section.key"); a field missing here fails every config's validation.
+NUMERIC_BOUNDS = {
+    "model.lora_rank": AT_LEAST_0,
+    "model.lora_alpha": POSITIVE,
+    "data.train_examples": AT_LEAST_1,
+    "data.eval_examples": AT_LEAST_1,
+    "rollout.temperature": AT_LEAST_0,
+    "rollout.top_p": Bounds(0, 1, low_open=True),
+    "rollout.top_k": AT_LEAST_0,
+    "rollout.max_new_tokens": AT_LEAST_1,
+    "rollout.teacher_temperature": AT_LEAST_0,
+    "distill.clip": AT_LEAST_0,
+    "distill.loss_top_k": AT_LEAST_1,
+    "distill.jsd_beta": UNIT,
+    "distill.temperature": POSITIVE,
+    "distill.teacher_top_k": AT_LEAST_1,
+    "distill.dense_target_mb": AT_LEAST_0,
+    "distill.splice_threshold": ANY,
+    "distill.splice_window": AT_LEAST_1,
+    "distill.splice_chunk": AT_LEAST_0,
+    "distill.prefix_weight": AT_LEAST_0,
+    "distill.suffix_weight": AT_LEAST_0,
+    "distill.draft_tokens": AT_LEAST_0,
+    "distill.draft_match": AT_LEAST_1,
+    "optim.steps": AT_LEAST_0,
+    "optim.batch_size": AT_LEAST_1,
+    "optim.micro_batches": AT_LEAST_1,            # and at most batch_size
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.warmup_steps": AT_LEAST_0,
+    "optim.min_lr_ratio": UNIT,
+    "optim.max_grad_norm": AT_LEAST_0,
+    "run.seed": Bounds(0, 2**32, high_open=True),  # seeds torch generators, numpy and the data order
+    "run.checkpoint_every": AT_LEAST_0,
+    "run.eval_every": AT_LEAST_0,
+}
+
+# The placeholders each JSONL template may use.
+TEMPLATE_FIELDS = {"prompt_template": {"prompt"}, "teacher_template": {"prompt"},
+                   "privileged_template": {"prompt", "solution"}, "refine_template": {"prompt", "attempt"}}
+
+
 def _validate(c: TrainConfig) -> None:
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ValueError(f"config {key}: {message}")
 
-    d, o, r = c.distill, c.optim, c.rollout
+    for section in dataclasses.fields(c):
+        values = getattr(c, section.name)
+        for f in dataclasses.fields(values):
+            value, key = getattr(values, f.name), f"{section.name}.{f.name}"
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                need(math.isfinite(value), key, f"must be finite, got {value}")
+                need(NUMERIC_BOUNDS[key].holds(value), key, f"{NUMERIC_BOUNDS[key]}, got {value}")
+    d, o = c.distill, c.optim
     need(d.mode in MODES, "distill.mode", f"expected one of {MODES}, got {d.mode!r}")
     need(d.teacher_source in TEACHER_SOURCES, "distill.teacher_source",
          f"expected one of {TEACHER_SOURCES}, got {d.teacher_source!r}")
     need(d.opd_loss in OPD_LOSSES, "distill.opd_loss", f"expected one of {OPD_LOSSES}, got {d.opd_loss!r}")
     need(d.splice_signal in SPLICE_SIGNALS, "distill.splice_signal",
          f"expected one of {SPLICE_SIGNALS}, got {d.splice_signal!r}")
-    need(d.clip >= 0, "distill.clip", "must be >= 0")
-    need(d.loss_top_k >= 1 and d.teacher_top_k >= 1, "distill.loss_top_k / teacher_top_k", "must be >= 1")
-    need(0.0 <= d.jsd_beta <= 1.0, "distill.jsd_beta", "must be in [0, 1]")
-    need(d.temperature > 0, "distill.temperature", "must be > 0")
-    need(d.splice_window >= 1, "distill.splice_window", "must be >= 1")
-    need(d.splice_chunk >= 0, "distill.splice_chunk", "must be >= 0")
-    need(math.isfinite(d.splice_threshold), "distill.splice_threshold", "must be finite")
-    need(d.prefix_weight >= 0 and d.suffix_weight >= 0, "distill.prefix_weight / suffix_weight", "must be >= 0")
-    need(d.draft_tokens >= 0, "distill.draft_tokens", "must be >= 0")
-    need(d.draft_match >= 1, "distill.draft_match", "must be >= 1")
-    need(o.steps >= 0 and o.batch_size >= 1, "optim.steps / batch_size", "steps >= 0 and batch_size >= 1")
-    need(1 <= o.micro_batches <= o.batch_size, "optim.micro_batches", "must be in [1, batch_size]")
-    need(o.lr > 0 and o.warmup_steps >= 0 and o.max_grad_norm >= 0, "optim", "lr > 0, warmup_steps >= 0, "
-         "max_grad_norm >= 0")
-    need(r.temperature >= 0 and r.teacher_temperature >= 0, "rollout.temperature", "must be >= 0")
-    need(0.0 < r.top_p <= 1.0, "rollout.top_p", "must be in (0, 1]")
-    need(r.top_k >= 0 and r.max_new_tokens >= 1, "rollout.top_k / max_new_tokens", "top_k >= 0, max_new_tokens >= 1")
+    need(o.micro_batches <= o.batch_size, "optim.micro_batches",
+         f"must be in [1, batch_size={o.batch_size}], got {o.micro_batches}")
     need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
-    need(c.model.lora_rank >= 0, "model.lora_rank", "must be >= 0")
+    need(c.model.lora_rank == 0 or bool(c.model.lora_targets), "model.lora_targets",
+         "LoRA (model.lora_rank > 0) needs at least one target module")
+    problem = _device_problem(c.model.device)
+    need(problem is None, "model.device", f"{c.model.device!r}: {problem}")
     need(bool(c.model.student), "model.student", "a student model directory is required")
     need(bool(c.model.teacher) or d.teacher_source == "self", "model.teacher",
          "an external teacher model directory is required (or set distill.teacher_source=self)")
     need(bool(c.data.task) != bool(c.data.train_jsonl), "data.task / data.train_jsonl", "set exactly one of them")
+    for name, allowed in TEMPLATE_FIELDS.items():
+        problem = _template_problem(getattr(c.data, name), allowed)
+        need(problem is None, f"data.{name}", str(problem))
+    try:
+        re.compile(c.data.answer_pattern)
+    except re.error as error:
+        need(False, "data.answer_pattern", f"not a regular expression ({error})")
+    need(bool(c.run.output_dir), "run.output_dir", "an output directory is required")
+
+
+def _device_problem(name: str) -> str | None:
+    """Why `name` is not a device this machine can run on, or None when it is (cpu, or the available
+    accelerator's type with an index below its device count)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        return f"not a device ({str(error).splitlines()[0]})"
+    if device.type == "cpu":
+        return None
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None or accelerator.type != device.type:
+        available = "cpu" + (f", {accelerator.type}" if accelerator is not None else "")
+        return f"no {device.type} device on this machine (available: {available})"
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {device.type} device(s)"
+    return None
+
+
+def _template_problem(template: str, allowed: set[str]) -> str | None:
+    """Why `template` cannot be filled by str.format with the `allowed` names, or None."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        return f"not a format template ({error})"
+    unknown = sorted({re.split(r"[.\[]", name)[0] for name in names} - allowed)
+    if unknown:
+        return f"unknown placeholder(s) {unknown}; allowed: {sorted(allowed)} (write {{{{ and }}}} for braces)"
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -161,7 +264,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse_yaml(read_utf8(path), f"config file {str(path)!r}", lines=True) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"config file {str(path)!r}: expected a mapping of sections")
     for item in overrides:
@@ -169,8 +272,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or "." not in key:
             raise ValueError(f"--set {item!r}: expected section.key=value")
         section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        raw.setdefault(section, {})[name] = _parse_yaml(value, f"--set {item!r}", lines=False)
     return from_dict(raw)
+
+
+def _parse_yaml(text: str, where: str, *, lines: bool) -> Any:
+    """yaml.safe_load, its errors as a ValueError naming `where` (and the line, with `lines`)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" line {mark.line + 1}" if lines and mark is not None else ""
+        raise ValueError(f"{where}{at}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
 
 
 def from_dict(raw: dict[str, Any]) -> TrainConfig:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from trd_fast.trainer.protocol import Example, Task, Tokenize
 from trd_fast.trainer.rollout.generation import Runner, SamplingConfig
+from trd_fast.trainer.run.examples_check import check_fit, context_length
 from trd_fast.trainer.run.loading import load_causal_lm, load_tokenizer
 
 EVAL_SEED = 0  # the held-out problems do not change with the run's seed
@@ -43,14 +44,18 @@ def evaluate(runner: Runner, task: Task, tokenize: Tokenize, examples: Sequence[
              prompt_of: Callable[[Example], str] | None = None, batch_size: int = 64,
              progress: bool = False) -> Evaluation:
     """Greedy completions of `prompt_of(example)` (default: the student prompt) in batches of `batch_size`,
-    at most `max_new_tokens` tokens each, judged by the task's verifier."""
+    at most `max_new_tokens` tokens each, judged by the task's verifier. ValueError naming the example when a
+    prompt and max_new_tokens exceed the model's context (checked before any generation)."""
     prompt_of = prompt_of or task.student_prompt
+    prompts = [tokenize(prompt_of(e)) for e in examples]
+    check_fit(examples, [len(p) for p in prompts], split="eval", context=context_length(runner.model), what="prompt",
+              model="the model", generated=max_new_tokens, generated_as="max_new_tokens")
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     completions, lengths, verdicts = [], [], []
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, leave=False)
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo:lo + batch_size]
-        rollout = runner.generate([tokenize(prompt_of(e)) for e in chunk], greedy,
+        rollout = runner.generate(prompts[lo:lo + batch_size], greedy,
                                   generator=torch.Generator().manual_seed(0), capture_logits=False)
         for e, y in zip(chunk, rollout.rows()):
             text = tokenize.text(y)

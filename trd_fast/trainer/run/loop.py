@@ -20,6 +20,7 @@ from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint, sa
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.engine import Engine, build_engine
 from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate
+from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, plot_curves, read_metrics
 from trd_fast.trainer.run.schedule import cosine_schedule
 from trd_fast.trainer.train.step import train_on
@@ -27,6 +28,11 @@ from trd_fast.trainer.train.step import train_on
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+def epoch_order(epoch: int, count: int, seed: int) -> torch.Tensor:
+    """The order in which epoch `epoch` visits `count` examples: [count] int64, seeded."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
 def batch_positions(step: int, batch_size: int, count: int, seed: int) -> list[int]:
@@ -37,18 +43,34 @@ def batch_positions(step: int, batch_size: int, count: int, seed: int) -> list[i
     for p in positions:
         epoch = p // count
         if epoch not in orders:
-            orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            orders[epoch] = epoch_order(epoch, count, seed)
         rows.append(int(orders[epoch][p % count]))
     return rows
 
 
+def rows_fed(steps: int, batch_size: int, count: int, seed: int) -> list[int]:
+    """The distinct dataset indices that `steps` steps of `batch_positions` visit, in increasing order."""
+    total = steps * batch_size
+    return list(range(count)) if total >= count else sorted(epoch_order(0, count, seed)[:total].tolist())
+
+
 def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list[dict]:
     """Run (or resume) training as configured; returns the metrics records of the whole run."""
-    out = Path(config.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     torch.manual_seed(config.run.seed)
     engine = engine or build_engine(config)
+    train_examples = task.examples("train", config.data.train_examples, config.run.seed)
+    eval_examples = task.examples("eval", config.data.eval_examples, EVAL_SEED)
+    contexts = dict(student_context=context_length(engine.student_model),
+                    teacher_context=context_length(engine.teacher.model))
+    check_examples(config, task, engine.tokenizer, train_examples, split="train", with_teacher=True,
+                   rows=rows_fed(config.optim.steps, config.optim.batch_size, len(train_examples), config.run.seed),
+                   **contexts)
+    if config.run.eval_every:
+        check_examples(config, task, engine.tokenizer, eval_examples, split="eval", with_teacher=False, **contexts)
+    out = Path(config.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
+                                     encoding="utf-8")
     model, o = engine.student_model, config.optim
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=o.lr, weight_decay=o.weight_decay)
@@ -59,8 +81,6 @@ def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list
         start = load_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator) or 0
     log = MetricsLog(out, start)
     tokenize = Tokenize(engine.tokenizer)
-    train_examples = task.examples("train", config.data.train_examples, config.run.seed)
-    eval_examples = task.examples("eval", config.data.eval_examples, EVAL_SEED)
     epistemic = _token_ids(engine.tokenizer, config.distill.epistemic_tokens)
 
     for step in tqdm(range(start, o.steps), desc=f"train {config.distill.mode}", initial=start, total=o.steps,

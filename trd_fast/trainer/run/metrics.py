@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from trd_fast.text_files import read_utf8
+
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 PLOTTED = ("loss", "divergence", "entropy", "y_o_accuracy", "y_r_accuracy", "failure_rate", "y_o_len", "y_r_len",
@@ -16,11 +18,11 @@ class MetricsLog:
     def __init__(self, directory: Path, resume_step: int):
         self.path = directory / METRICS
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
             f.flush()
 
@@ -28,7 +30,7 @@ class MetricsLog:
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in read_utf8(path).splitlines() if line.strip()]
 
 
 def plot_curves(records: list[dict], path: Path, title: str) -> Path | None:

@@ -14,6 +14,7 @@ from trd_fast.trainer.run.config import DistillConfig
 from trd_fast.trainer.train.batch import Batch
 from trd_fast.trainer.train.forward import packed_logits
 from trd_fast.trainer.train.targets import build_targets
+from trd_fast.trainer.train.token_stats import support_stats
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ def loss_spec(d: DistillConfig) -> LossSpec:
 class StepResult:
     loss: float              # the global batch's loss
     divergence: float        # mean raw per-token divergence over trained tokens
-    entropy: float           # mean student entropy (T = 1) over trained tokens
-    epistemic_mass: float    # mean teacher probability on the epistemic tokens over trained tokens
+    entropy: float           # mean student entropy (T = 1) over trained tokens, on the loss's support
+    epistemic_mass: float    # mean teacher probability on the epistemic tokens over trained tokens, same support
     tokens: int              # trained tokens in the global batch
     sparse_targets: bool     # the teacher targets were kept as top-k
 
@@ -67,14 +68,14 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
         targets = build_targets(batch.targets[lo:hi], budget_mb=d.dense_target_mb, top_k=d.teacher_top_k,
                                 student_vocab=logits.shape[-1])
         sparse = sparse or targets.is_sparse
-        with torch.no_grad():
-            log_p = torch.log_softmax(logits.float(), dim=-1)
-            entropy_sum += float(-(log_p.exp() * log_p).nan_to_num().sum())
-            mass_sum += float(targets.mass_on(epistemic_ids.to(device)).sum())
+        teacher, top_k = targets.rows(slice(None)), None if targets.is_sparse else spec.top_k
+        entropy, mass = support_stats(logits, teacher, top_k=top_k, epistemic_ids=epistemic_ids)
+        entropy_sum += float(entropy.sum())
+        mass_sum += float(mass.sum())
         loss, per_token = trd_fast.distillation_loss(
-            logits, targets.rows(slice(None)), divergence=spec.divergence, beta=spec.beta,
-            temperature=d.temperature, top_k=None if targets.is_sparse else spec.top_k, clip=spec.clip,
-            weight=weight, normalizer=normalizer, return_per_token=True, inplace_backward=inplace_backward)
+            logits, teacher, divergence=spec.divergence, beta=spec.beta, temperature=d.temperature, top_k=top_k,
+            clip=spec.clip, weight=weight, normalizer=normalizer, return_per_token=True,
+            inplace_backward=inplace_backward)
         loss.backward()
         loss_sum += float(loss.detach())
         divergence_sum += float(per_token.sum())

@@ -24,18 +24,6 @@ class Targets:
             return self.dense[index]
         return trd_fast.SparseTeacher(self.sparse.ids[index], self.sparse.logprobs[index])
 
-    def mass_on(self, token_ids: Tensor) -> Tensor:
-        """Mean teacher probability (at T = 1) on `token_ids` per trained token: [N] fp32."""
-        if token_ids.numel() == 0:
-            rows = self.dense if self.dense is not None else self.sparse.logprobs
-            return rows.new_zeros(rows.shape[0])
-        if self.dense is not None:
-            probs = torch.softmax(self.dense.float(), dim=-1)          # [N, V]
-            inside = token_ids[token_ids < probs.shape[-1]]
-            return probs[:, inside].sum(-1)
-        hit = torch.isin(self.sparse.ids, token_ids)                    # [N, k]
-        return (self.sparse.logprobs.float().exp() * hit).sum(-1)
-
 
 def build_targets(rows: list[Tensor], *, budget_mb: float, top_k: int, student_vocab: int) -> Targets:
     """Concatenate per-row teacher logits ([len_b, V] each) into dense targets when they fit in `budget_mb`,
