@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_fused_linear_rows_run_in_smoke_mode(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the cpp backend, not the interpreter
     done = subprocess.run([sys.executable, "-m", "bench.run_gpu", "--device", "cpu", "--smoke", "--no-compile",
-                           "--only", "fused_linear", "--out-dir", str(tmp_path)], cwd=ROOT, env=env,
+                           "--only", "fused_linear jsd", "--out-dir", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads((tmp_path / "trd_fast-bench-gpu-cpu-smoke.json").read_text())
     cases = document["fused_linear"]
-    assert [case["divergence"] for case in cases] == ["jsd", "forward_kl"]
+    assert [case["divergence"] for case in cases] == ["jsd"]  # one case: the script, not the numbers, is checked
     for case in cases:
         rows = {row["variant"]: row for row in case["rows"]}
         ours, trl = rows["trd_fast[cpp]"], rows["TRL ChunkedDivergenceFunction"]

@@ -59,11 +59,11 @@ def test_utf8_files_train_and_eval_under_an_ascii_locale(models, tmp_path):
                       f"run:\n  output_dir: {tmp_path / 'run'}\n  progress: false\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
     env.update(LC_ALL="C", LANG="C", PYTHONUTF8="0")
-    for argv in (["train", "--config", str(config)],
-                 ["eval", "--config", str(config), "--output", str(tmp_path / "eval.json")]):
-        done = subprocess.run([sys.executable, "-m", "trd_fast.cli", *argv], capture_output=True, env=env,
-                              cwd=tmp_path, timeout=600)
-        assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
+    commands = [["train", "--config", str(config)],
+                ["eval", "--config", str(config), "--output", str(tmp_path / "eval.json")]]
+    script = f"from trd_fast.cli import main\nfor argv in {commands!r}:\n    main(argv)\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
     written = (tmp_path / "run" / "config.yaml").read_text(encoding="utf-8")
     assert "✓ {prompt}" in written  # the config dump is readable UTF-8, not escapes
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])["step"] == 1
