@@ -29,7 +29,9 @@ from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.config import DistillConfig, from_dict
 
 DRAFT = DistillConfig().draft_tokens
-TRD_DRAFTS = (0, 2, 4, 8, 16)                     # trd's draft lengths measured (0: plain decoding)
+MAX_NEW_TOKENS = 40                               # the demo's cap: the refine prompt, an attempt and a rewrite of
+                                                  # this many tokens each fit the shipped teacher's 256 positions
+TRD_DRAFTS = (0, 2, 3, 4, 8, 16)                  # trd's draft lengths measured (0: plain decoding)
 RUNS = (("opd", 0, 0), *(("trd", 0, d) for d in TRD_DRAFTS),
         ("trd_splice", 4, 0), ("trd_splice", 4, DRAFT), ("trd_splice", 0, DRAFT), ("trd_splice", 1, DRAFT))
 PHASES = ("rollout_s", "refine_s", "train_s", "step_s")
@@ -44,6 +46,7 @@ def step_config(mode: str, out: Path, batch_size: int, chunk: int, draft: int):
     return from_dict({
         "model": {"student": str(checkpoint_dir("student")), "teacher": str(checkpoint_dir("teacher"))},
         "data": {"task": "chain", "train_examples": batch_size},
+        "rollout": {"max_new_tokens": MAX_NEW_TOKENS},
         "distill": {"mode": mode, "splice_chunk": chunk, "draft_tokens": draft},
         "optim": {"steps": 1, "batch_size": batch_size},
         "run": {"output_dir": str(out), "progress": False, "checkpoint_every": 0, "resume": False,
@@ -85,16 +88,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch, repeats = (4, 1) if args.smoke else (args.batch_size, args.repeats)
+    facts = harness.machine("cpu")
     rows = measure(repeats, batch)
+    facts["loadavg_at_end"] = harness.loadavg()
     by_name = {r["mode"]: r for r in rows}
     opd, plain_trd = by_name["opd"], by_name[run_name("trd", 0, 0)]
     drafted_trd = by_name[run_name("trd", 0, DRAFT)]
     plain_splice, drafted_splice = by_name[run_name("trd_splice", 4, 0)], by_name[run_name("trd_splice", 4, DRAFT)]
     document = {
-        "machine": harness.machine("cpu"),
+        "machine": facts,
         "setup": {"task": "chain", "models": "shipped teacher and student (trd_fast/tasks/checkpoints)",
-                  "batch_size": batch, "repeats": repeats, "dtype": "float32", "threads": args.threads,
-                  "default_draft_tokens": DRAFT},
+                  "batch_size": batch, "max_new_tokens": MAX_NEW_TOKENS, "repeats": repeats, "dtype": "float32",
+                  "threads": args.threads, "default_draft_tokens": DRAFT},
         "rows": rows,
         "checks": {
             "rescore_forwards": {r["mode"]: r["teacher_rescore_forwards"] for r in rows},
