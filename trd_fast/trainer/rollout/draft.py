@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DraftConfig:
-    tokens: int = 16   # D: draft tokens verified per forward and row; 0: no drafting
+    tokens: int = 3    # D: draft tokens verified per forward and row; 0: no drafting
     match: int = 3     # generated tokens matched in the source to re-synchronise the pointer after a mismatch
 
     def __post_init__(self):

@@ -76,7 +76,7 @@ class DistillConfig:
                                        # failure point; 0: one pass over all of y_o
     prefix_weight: float = 1.0         # trd_splice: loss weight of y_r tokens kept from y_o
     suffix_weight: float = 1.0         # trd_splice: loss weight of the teacher's continuation
-    draft_tokens: int = 16             # trd, trd_splice: y_o tokens the teacher verifies as a draft per forward
+    draft_tokens: int = 3              # trd, trd_splice: y_o tokens the teacher verifies as a draft per forward
                                        # (exactly the same output, fewer forwards); 0: plain decoding
     draft_match: int = 3               # generated tokens matched in y_o to re-align the draft after a mismatch
     epistemic_tokens: tuple[str, ...] = ("Wait", "Actually")  # words whose teacher probability mass is logged
