@@ -4,14 +4,14 @@ token counters (teacher prefill, decode and draft tokens apart, forwards, draft 
     .venv/bin/python -m bench.engine_step            # -> bench/results/engine-cpu.json, table on stdout
     .venv/bin/python -m bench.engine_step --smoke    # 1 repeat, small batch (JSON to the temp dir)
 
-Each run trains `repeats` single steps from the shipped student on the same prompts and the same sampling seed
-(so the same rollouts y_o; the greedy teacher writes the same y_r with or without drafts). The repeats go round
-the runs in turn, so a change in the machine's load reaches every run alike; times are medians over the
-repeats, counters come from the last (they are the same in every repeat: the runs are deterministic). trd
-runs with plain decoding and with drafts of several lengths (the default length is chosen from them), trd_splice
-with plain decoding and with the default drafts. The targets this checks: no mode re-scores with the teacher;
-drafted trd needs at most 1/3 of plain decoding's teacher forwards and at most 1.25x opd's step time; the
-drafted splice is no slower than the plain one.
+Each run trains `repeats` single steps from the shipped student on the same prompts and the same sampling seed (so
+the same rollouts y_o; the greedy teacher writes the same y_r with or without drafts). The repeats go round the
+runs in turn, so a change in the machine's load reaches every run alike; times are medians over the repeats (and
+their minima, `*_min`, the least disturbed on a shared machine), counters come from the last (they are the same in
+every repeat: the runs are deterministic). trd runs with plain decoding and with drafts of several lengths (the
+default length is chosen from them), trd_splice with plain decoding and with the default drafts. The targets this
+checks: no mode re-scores with the teacher; drafted trd needs at most 1/3 of plain decoding's teacher forwards and
+at most 1.25x opd's step time; the drafted splice is no slower than the plain one.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def measure(repeats: int, batch_size: int) -> list[dict]:
     rows = []
     for (mode, chunk, draft), done in zip(RUNS, records):
         row = {"mode": run_name(mode, chunk, draft), "splice_chunk": chunk, "draft_tokens": draft,
-               **{k: statistics.median(r[k] for r in done) for k in PHASES}}
+               **{k: statistics.median(r[k] for r in done) for k in PHASES},
+               **{f"{k}_min": min(r[k] for r in done) for k in PHASES}}
         row.update({k: done[-1].get(k) for k in COUNTERS})
         rows.append(row)
     return rows
