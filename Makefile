@@ -61,6 +61,7 @@ test-floors: $(FLOOR_VENV)/.installed
 
 bench: install
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,min,max,rounds
+	$(PY) -m bench.fused_linear
 
 clean:
 	rm -rf build *.egg-info trd_fast/_C*.so

@@ -7,6 +7,8 @@ divergence and Liger's fused linear JSD, on CPU: fp32, forward + backward, side 
 Per shape (N rows, vocabulary V, student width H, teacher width 2H), forward KL, the mean over rows:
 - timed call: `loss = fn(h_s, W_s, h_t, W_t); loss.backward()` with fresh .grad for h_s and W_s each round; the
   variants run round-robin (one round of each, then the next), so that load from other work hits all alike;
+  wall-clock seconds and the process's CPU seconds (time.process_time: less skewed by other work taking the
+  cores, more by OpenMP threads spinning while they wait);
 - GFLOP/s: the problem's matmul work, 2 N V (H_s + H_t) forward + 4 N V H_s backward, over the median time
   (the same numerator for every variant, whatever it computes twice), beside the machine's fp32 matmul rate
   (the best of a 4096^3 torch.mm, measured at the start and the end of the run) and the time of the four
@@ -130,15 +132,15 @@ def run_case(shape: dict, table: dict) -> dict:
     gradient_bytes = (hs.numel() + ws.numel()) * 4
     probe = harness.CpuMemoryProbe()
     live = {name: fn for name, (fn, _) in table.items() if fn is not None}
-    record = {name: {"times_s": [], "peaks": [], "first_call_s": None, "loss": None} for name in live}
+    record = {name: {"times_s": [], "cpu_s": [], "peaks": [], "first_call_s": None, "loss": None} for name in live}
     for i in range(warmup + rounds):
         for name, fn in live.items():
             hs.grad, ws.grad = None, None
             probe.begin()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             loss = fn(hs, ws, ht, wt)
             loss.backward()
-            elapsed = time.perf_counter() - start
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             peak = probe.end()
             r = record[name]
             r["loss"] = float(loss.detach())
@@ -146,8 +148,9 @@ def run_case(shape: dict, table: dict) -> dict:
                 r["first_call_s"] = elapsed
             if i >= warmup:
                 r["times_s"].append(elapsed)
+                r["cpu_s"].append(elapsed_cpu)
                 r["peaks"].append(peak)
-            print(f"  {n}x{v}x{h} {name:12s} round {i}: {elapsed:.2f} s, extra peak "
+            print(f"  {n}x{v}x{h} {name:12s} round {i}: {elapsed:.2f} s ({elapsed_cpu:.2f} CPU s), extra peak "
                   f"{(peak or 0) / MIB:.0f} MiB, loss {r['loss']:.6f}", flush=True)
     del loss
     hs.grad, ws.grad = None, None
@@ -161,6 +164,7 @@ def run_case(shape: dict, table: dict) -> dict:
         r = record[name]
         peak = max(p for p in r["peaks"]) if all(p is not None for p in r["peaks"]) else None
         rows.append({"variant": name, "status": "ok", **harness.summarize(r["times_s"]), "times_s": r["times_s"],
+                     "cpu_s": r["cpu_s"], "median_cpu_s": statistics.median(r["cpu_s"]),
                      "first_call_s": r["first_call_s"], "gflop_per_s": flops / statistics.median(r["times_s"]) / 1e9,
                      "extra_peak_bytes": peak,
                      "extra_peak_beyond_gradients_bytes": None if peak is None else max(0, peak - gradient_bytes),
@@ -169,6 +173,7 @@ def run_case(shape: dict, table: dict) -> dict:
     for row in rows:
         if row["status"] == "ok":
             row["trd_fast_speedup"] = row["median_s"] / ours_row["median_s"]
+            row["trd_fast_cpu_speedup"] = row["median_cpu_s"] / ours_row["median_cpu_s"]
             row["loss_rel_diff_vs_trd_fast"] = abs(row["loss"] - ours_row["loss"]) / abs(ours_row["loss"])
     return {"n": n, "v": v, "h_student": h, "h_teacher": 2 * h, "dtype": "float32", "divergence": "forward_kl",
             "warmup": warmup,
@@ -183,6 +188,8 @@ def targets(case: dict, rate: float) -> dict:
     ours_row = rows["trd_fast"]
     out = {"speedup_vs_trl_chunked >= 2": rows["trl_chunked"]["trd_fast_speedup"] if "trl_chunked" in rows else None,
            "speedup_vs_eager >= 1": rows["eager"]["trd_fast_speedup"] if "eager" in rows else None,
+           "cpu_s_speedup_vs_trl_chunked": rows["trl_chunked"]["trd_fast_cpu_speedup"] if "trl_chunked" in rows else None,
+           "cpu_s_speedup_vs_eager": rows["eager"]["trd_fast_cpu_speedup"] if "eager" in rows else None,
            "matmul_rate_fraction >= 0.8": ours_row["gflop_per_s"] / rate}
     eager_peak = rows.get("eager", {}).get("extra_peak_beyond_gradients_bytes")
     ours_peak = ours_row["extra_peak_beyond_gradients_bytes"]
@@ -194,8 +201,8 @@ def targets(case: dict, rate: float) -> dict:
 
 def table(document: dict) -> str:
     rate = document["matmul_rate_gflop_per_s"]
-    head = ["N x V x H_s (H_t)", "variant", "median s", "min s", "GFLOP/s", "% matmul rate", "extra peak MiB",
-            "beyond grads MiB", "trd_fast faster by", "loss rel diff"]
+    head = ["N x V x H_s (H_t)", "variant", "median s", "min s", "median CPU s", "GFLOP/s", "% matmul rate",
+            "extra peak MiB", "beyond grads MiB", "trd_fast faster by (wall / CPU s)", "loss rel diff"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in document["cases"]:
         label = f"{case['n']} x {case['v']} x {case['h_student']} ({case['h_teacher']})"
@@ -204,11 +211,13 @@ def table(document: dict) -> str:
                 lines.append(f"| {label} | {row['variant']} | skipped: {row['reason']} |" + " |" * (len(head) - 3))
                 continue
             cells = [label, row["variant"], f"{row['median_s']:.2f}", f"{row['min_s']:.2f}",
-                     f"{row['gflop_per_s']:.0f}", f"{100 * row['gflop_per_s'] / rate:.0f}",
-                     _mib(row["extra_peak_bytes"]), _mib(row["extra_peak_beyond_gradients_bytes"]),
-                     f"{row['trd_fast_speedup']:.2f}x", f"{row['loss_rel_diff_vs_trd_fast']:.1e}"]
+                     f"{row['median_cpu_s']:.2f}", f"{row['gflop_per_s']:.0f}",
+                     f"{100 * row['gflop_per_s'] / rate:.0f}", _mib(row["extra_peak_bytes"]),
+                     _mib(row["extra_peak_beyond_gradients_bytes"]),
+                     f"{row['trd_fast_speedup']:.2f}x / {row['trd_fast_cpu_speedup']:.2f}x",
+                     f"{row['loss_rel_diff_vs_trd_fast']:.1e}"]
             lines.append("| " + " | ".join(cells) + " |")
-        lines.append(f"| {label} | four matmuls alone | {case['matmul_floor_s']:.2f} | | "
+        lines.append(f"| {label} | four matmuls alone | {case['matmul_floor_s']:.2f} | | | "
                      f"{case['matmul_floor_gflop_per_s']:.0f} | "
                      f"{100 * case['matmul_floor_gflop_per_s'] / rate:.0f} | | | | |")
     return "\n".join(lines)

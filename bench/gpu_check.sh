@@ -7,8 +7,9 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
-# Files written to $OUT: build.log, tests.log, engine.log (+ engine-<mode>/ run folders), bench.log,
-# summary.md, gpu-<device>.json (also kept in bench/results/). The whole script aims at under 5 minutes on an H100:
+# Files written to $OUT: build.log, tests.log, engine.log (+ engine-<mode>/ run folders), torchrun.log
+# (+ engine-torchrun/), bench.log, summary.md, gpu-<device>.json (also kept in bench/results/). The whole script
+# aims at under 5 minutes on an H100:
 #   GPU_CHECK_BUDGET_S  total budget in seconds (default 280); benchmark rows that would start after it are
 #                       recorded as skipped, so the JSON and summary.md are always written
 #   GPU_CHECK_TEST_S    cap on both test runs together (default 120 s; 2/3 for tests/test_triton_gpu.py)
@@ -112,6 +113,22 @@ if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
 fi
 say "engine: $engine_status"
 test_status="$test_status; engine on CUDA: $engine_status"
+
+# 3c. the engine under torchrun on one GPU: nccl, an FSDP2 student (bf16 parameters, fp32 gradient reduction), two
+# trd steps with a sharded checkpoint after each and the final student gathered into a model directory
+torchrun_status="not run (needs pyyaml and matplotlib in the image)"
+if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
+  set +e
+  timeout -k 5 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m trd_fast.cli train \
+    --config configs/chain-trd.yaml --set model.device=cuda --set distill.mode=trd --set optim.steps=2 \
+    --set run.progress=false --set run.eval_every=0 --set run.checkpoint_every=1 \
+    --set run.output_dir="$OUT/engine-torchrun" > "$OUT/torchrun.log" 2>&1
+  torchrun_rc=$?
+  set -e
+  torchrun_status="rc $torchrun_rc (torchrun.log; engine-torchrun/ has metrics.jsonl, checkpoints/step-2, student/)"
+fi
+say "torchrun, 1 GPU: $torchrun_status"
+test_status="$test_status; torchrun on 1 GPU: $torchrun_status"
 
 # 4. benchmarks: rows that would start past the budget are recorded as skipped
 budget=$(( $(left) - 15 ))

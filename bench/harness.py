@@ -278,6 +278,30 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def transparent_hugepage() -> dict | None:
+    """The kernel's transparent huge page modes, {"enabled": ..., "defrag": ...} (the bracketed choice of each
+    /sys/kernel/mm/transparent_hugepage file), or None where they cannot be read: first-touch page faults of a
+    fresh [N, V] buffer cost what these modes make them cost."""
+    modes = {}
+    for name in ("enabled", "defrag"):
+        try:
+            text = Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text(encoding="utf-8")
+        except OSError:
+            return None
+        chosen = re.search(r"\[(\w[\w+]*)\]", text)
+        modes[name] = chosen.group(1) if chosen else text.strip()
+    return modes
+
+
+def release_gradient_buffers() -> None:
+    """Frees the large gradient buffers trd_fast._C keeps for reuse (nothing to do without the extension)."""
+    try:
+        from trd_fast import _C
+    except ImportError:
+        return
+    _C.release_gradient_buffers()
+
+
 def extension_isa() -> str | None:
     """trd_fast._C.cpu_isa() (the SIMD level the C++ kernels were built for), or None if not built."""
     try:
@@ -294,6 +318,7 @@ def machine(device: str) -> dict:
         "memory_bytes": memory_total(), "python": platform.python_version(), "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "trd_fast_cpu_isa": extension_isa(), "git": _git_revision(), "loadavg_at_start": loadavg(),
+        "transparent_hugepage": transparent_hugepage(),
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -394,7 +419,9 @@ def markdown_table(document: dict, loss_column: bool = False) -> str:
 
 def markdown_summary(document: dict, loss_column: bool = False) -> str:
     m, bw = document["machine"], document["copy_bandwidth"]
-    where = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads, ISA {m.get('trd_fast_cpu_isa')}"
+    thp = m.get("transparent_hugepage")
+    where = m.get("gpu") or (f"{m['cpu']}, {m['torch_threads']} threads, ISA {m.get('trd_fast_cpu_isa')}"
+                             + (f", THP {thp['enabled']} / defrag {thp['defrag']}" if thp else ""))
     lines = [f"{where}; torch {m['torch']}; {m['date']}; copy bandwidth {bw['gb_per_s']:.1f} GB/s "
              f"(read + write).",
              "% design: the design's own traffic (fwd+bwd: 5NVb for the KLs, 7NVb for jsd; fwd: 2NVb / 4NVb) "

@@ -2,6 +2,7 @@
 
     python -m bench.run_cpu                  # full matrix, backend "cpp" (needs trd_fast._C built)
     python -m bench.run_cpu --smoke          # tiny shapes, 2 rounds; backend "cpp" if built, else "torch"
+    python -m bench.run_cpu --round-robin    # each case's variants take turns call by call
 
 `make bench` (pytest-benchmark over bench/test_bench_distillation.py) measures the same matrix the same way
 and writes the same files.
@@ -20,9 +21,9 @@ import torch
 from bench import harness, suite
 
 
-def settings(backend: str, smoke: bool, threads: int, runner: str) -> dict:
+def settings(backend: str, smoke: bool, threads: int, runner: str, round_robin: bool = False) -> dict:
     rounds = {kind: (2, 1) for kind in suite.CPU_ROUNDS} if smoke else suite.CPU_ROUNDS
-    return {"runner": runner, "backend": backend, "smoke": smoke, "threads": threads,
+    return {"runner": runner, "backend": backend, "smoke": smoke, "threads": threads, "round_robin": round_robin,
             "rounds_warmup": {kind: {"rounds": r, "warmup": w} for kind, (r, w) in rounds.items()},
             "shapes": suite.CPU_SMOKE_SHAPES if smoke else suite.CPU_SHAPES}
 
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
                         help="trd_fast backend raced (default: cpp if built, else torch with --smoke)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--only", default=None, help="run only cases whose label contains this text")
+    parser.add_argument("--round-robin", action="store_true",
+                        help="each case's variants take turns call by call (load from other work hits all alike)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/cpu.json)")
     args = parser.parse_args(argv)
 
@@ -64,9 +67,9 @@ def main(argv=None) -> int:
     print(f"copy bandwidth: {bandwidth['gb_per_s']:.1f} GB/s (best), {bandwidth['median_gb_per_s']:.1f} (median)",
           flush=True)
     document = suite.new_document("cpu", "cpu", bandwidth, settings(backend, args.smoke, args.threads,
-                                                                     "python -m bench.run_cpu"))
+                                                                     "python -m bench.run_cpu", args.round_robin))
     suite.run_matrix(matrix, "cpu", document, log=lambda line: print(line, flush=True),
-                     on_row=lambda doc: harness.write_json(json_path, doc))
+                     on_row=lambda doc: harness.write_json(json_path, doc), round_robin=args.round_robin)
     document["settings"]["wall_s"] = time.monotonic() - started
     suite.note_load(document)
     summary = harness.markdown_summary(document)

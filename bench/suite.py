@@ -213,6 +213,8 @@ class Workspace:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
+        else:
+            harness.release_gradient_buffers()
 
     def inputs_skip(self, case: Case) -> str | None:
         """A reason the case's inputs (student, teacher, a pristine copy) would not fit, else None."""
@@ -242,46 +244,97 @@ def own_timer(device: str):
     return partial(harness.time_rounds, device=device)
 
 
+def prepare(case: Case, variant: Variant, workspace: Workspace):
+    """(row, step, rounds): the row so far, after the first call (timed alone: compilation), with the step and
+    its per-round hooks; (skipped row, None, None) for a row that would not fit."""
+    reason = variant.skip or workspace.inputs_skip(case) or memory_skip(case, variant, case == workspace.case)
+    if reason:
+        return skipped(case, variant, reason), None, None
+    row = base_row(case, variant)
+    inputs = workspace.inputs_for(case)
+    step = make_step(loss_function(case, variant), inputs, variant.passes)
+    setups = [inputs.restore] if variant.inplace else []
+    if workspace.flush is not None:
+        setups.append(workspace.flush)
+    rounds = harness.Rounds(workspace.probe, setup=(lambda: [s() for s in setups]) if setups else None,
+                            skip=variant.warmup)
+    rounds.before()
+    started = time.perf_counter()
+    loss = step()
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+    row["first_call_s"] = time.perf_counter() - started  # includes compilation (torch.compile, Triton JIT)
+    rounds.after()
+    row["loss"] = float(loss.detach().float())
+    return row, step, rounds
+
+
+def completed(row: dict, variant: Variant, times: list[float], rounds: harness.Rounds) -> dict:
+    row.update(harness.summarize(times))
+    row.update({"status": "ok", "warmup": variant.warmup, "extra_peak_bytes": rounds.peak})
+    return row
+
+
+def failed(case: Case, variant: Variant, error: Exception) -> dict:
+    """The row of a variant that raised: one broken row must not lose the others."""
+    message = str(error).splitlines()[0][:300] if str(error) else ""
+    return {**base_row(case, variant), "status": "error", "reason": f"{type(error).__name__}: {message}"}
+
+
+def restore_after_inplace(case: Case, variant: Variant, workspace: Workspace) -> None:
+    """The next call of another variant gets the original student logits."""
+    if variant.inplace and workspace.case == case:
+        workspace.inputs.restore()
+
+
 def measure(case: Case, variant: Variant, workspace: Workspace, timer) -> dict:
     """One row: first call (timed alone: compilation), then timer(step, rounds, count=, warmup=) -> [s].
 
     A row that would not fit, or runs out of CUDA memory, comes back with status "skipped" and the reason.
     """
-    reason = variant.skip or workspace.inputs_skip(case) or memory_skip(case, variant, case == workspace.case)
-    if reason:
-        return skipped(case, variant, reason)
-    row = base_row(case, variant)
-    inputs = None
     try:
-        inputs = workspace.inputs_for(case)
-        fn = loss_function(case, variant)
-        step = make_step(fn, inputs, variant.passes)
-        setups = [inputs.restore] if variant.inplace else []
-        if workspace.flush is not None:
-            setups.append(workspace.flush)
-        rounds = harness.Rounds(workspace.probe, setup=(lambda: [s() for s in setups]) if setups else None,
-                                skip=variant.warmup)
-        rounds.before()
-        started = time.perf_counter()
-        loss = step()
-        if case.device == "cuda":
-            torch.cuda.synchronize()
-        row["first_call_s"] = time.perf_counter() - started  # includes compilation (torch.compile, Triton JIT)
-        rounds.after()
-        row["loss"] = float(loss.detach().float())
-        del loss
-        times = timer(step, rounds, count=variant.rounds, warmup=variant.warmup - 1)
-        del fn, step
-        row.update(harness.summarize(times))
-        row.update({"status": "ok", "warmup": variant.warmup, "extra_peak_bytes": rounds.peak})
-        return row
+        row, step, rounds = prepare(case, variant, workspace)
+        if step is None:
+            return row
+        return completed(row, variant, timer(step, rounds, count=variant.rounds, warmup=variant.warmup - 1), rounds)
     except torch.cuda.OutOfMemoryError as error:
         gc.collect()
         torch.cuda.empty_cache()
         return skipped(case, variant, f"CUDA out of memory ({str(error).splitlines()[0][:160]})")
     finally:
-        if inputs is not None and variant.inplace:  # the next row gets the original student logits
-            inputs.restore()
+        restore_after_inplace(case, variant, workspace)
+
+
+def measure_round_robin(case: Case, variants: list[Variant], workspace: Workspace, timer) -> list[dict]:
+    """The case's rows with their variants taking turns: each variant's first call, then one call of each
+    variant in turn (its warmup calls, then its timed rounds) until every one has had its own count, so that
+    load from other work on the machine falls on all variants alike. Rows as `measure` gives them."""
+    rows, turns = {}, []
+    for variant in variants:
+        try:
+            rows[variant.name], step, rounds = prepare(case, variant, workspace)
+            if step is not None:
+                turns.append((variant, step, rounds, []))
+        except Exception as error:
+            rows[variant.name] = failed(case, variant, error)
+        finally:
+            restore_after_inplace(case, variant, workspace)
+    calls = max((variant.warmup - 1 + variant.rounds for variant, *_ in turns), default=0)
+    for i in range(calls):
+        for variant, step, rounds, times in turns:
+            if rows[variant.name].get("status") == "error" or i >= variant.warmup - 1 + variant.rounds:
+                continue
+            warm = i < variant.warmup - 1
+            try:
+                times += timer(step, rounds, count=0 if warm else 1, warmup=1 if warm else 0)
+            except Exception as error:
+                rows[variant.name] = failed(case, variant, error)
+            finally:
+                restore_after_inplace(case, variant, workspace)
+    for variant, _, rounds, times in turns:
+        if rows[variant.name].get("status") != "error":
+            completed(rows[variant.name], variant, times, rounds)
+    return [rows[variant.name] for variant in variants]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,7 +354,13 @@ def new_document(kind: str, device: str, bandwidth: dict, settings: dict) -> dic
             "timed_call": "loss = fn(student, teacher); torch.autograd.grad(loss, student) (fwd+bwd rows); "
                           "under torch.no_grad (fwd rows); inputs N(0, 4), fixed seed; in-place rows restore the "
                           "student logits before each round, untimed",
-            "settings": settings, "notes": [], "cases": []}
+            "settings": settings, "notes": [CPU_GRADIENT_REUSE] if device == "cpu" else [], "cases": []}
+
+
+CPU_GRADIENT_REUSE = ("trd_fast[cpp] fresh-gradient rows: the C++ backward hands a large gradient the buffer of one "
+                      "freed earlier (the previous round's), so from the second call on it allocates nothing and "
+                      "its extra peak reads 0; one N V b gradient stays resident between calls "
+                      "(trd_fast._C.release_gradient_buffers() frees it; the bench does between cases)")
 
 
 def add_row(document: dict, case: Case, row: dict) -> None:
@@ -340,25 +399,37 @@ def finalize(document: dict) -> dict:
 
 
 def run_matrix(matrix, device: str, document: dict, *, log=print, deadline: float | None = None,
-               on_row=None) -> dict:
+               on_row=None, round_robin: bool = False) -> dict:
     """Measure every (case, variants) of the matrix into the document; rows past `deadline` (time.monotonic)
-    are skipped with the reason. on_row(document) runs after each row (e.g. to save progress)."""
+    are skipped with the reason. on_row(document) runs after each row (e.g. to save progress). round_robin:
+    each case's variants take turns call by call (`measure_round_robin`) instead of one after the other."""
     workspace = Workspace(device)
     timer = own_timer(device)
+
+    def record(case, row):
+        add_row(document, case, row)
+        log(describe_row(case, row))
+        if on_row is not None:
+            on_row(document)
+
     for case, variants in matrix:
+        if round_robin:
+            if deadline is not None and time.monotonic() > deadline:
+                rows = [skipped(case, variant, "time budget of the run spent") for variant in variants]
+            else:
+                rows = measure_round_robin(case, variants, workspace, timer)
+            for row in rows:
+                record(case, row)
+            continue
         for variant in variants:
             if deadline is not None and time.monotonic() > deadline:
                 row = skipped(case, variant, "time budget of the run spent")
             else:
                 try:
                     row = measure(case, variant, workspace, timer)
-                except Exception as error:  # one broken row must not lose the others
-                    row = {**base_row(case, variant), "status": "error",
-                           "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"}
-            add_row(document, case, row)
-            log(describe_row(case, row))
-            if on_row is not None:
-                on_row(document)
+                except Exception as error:
+                    row = failed(case, variant, error)
+            record(case, row)
     workspace.release()
     return finalize(document)
 

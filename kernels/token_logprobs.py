@@ -10,7 +10,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from trd_fast import constants
-from trd_fast.kernels.common import cast_for_store, hyper, online_logsumexp, row_offset, split
+from trd_fast.kernels.common import (cast_for_store, hyper, online_logsumexp, row_offset, save_stat, shift_of,
+                                     split, split_stat)
 from trd_fast.kernels.configs import STREAM_PRUNE, stream_configs
 
 IGNORE_INDEX = tl.constexpr(constants.IGNORE_INDEX)
@@ -35,15 +36,15 @@ def _check_token_ids_kernel(
     tl.device_assert(ok | (idx >= N), "token_ids: an id outside [0, V) other than the ignore index -100")
 
 
-# Forward, one streaming pass: lse = m + log S with the online (max m, rescaled sum S) pair over the row's
-# tiles, and the picked logit read directly at its id, so logprob = a[id] - lse (0 for id == -100). lse is
-# saved for the backward sweep.
+# Forward, one streaming pass: lse = c + log S with the online (shift c of the running max, rescaled sum S)
+# pair over the row's tiles, and the picked logit read directly at its id, so logprob = a[id] - lse (0 for
+# id == -100). lse is saved in fp64 for the backward sweep.
 @triton.jit
 def _token_logprobs_kernel(
     logits_ptr,  # [B, L, V] logits (fp32 / bf16 / fp16 / fp64), strides s_logits_*
     ids_ptr,  # [B * L] int64 token ids (-100 = ignore)
     logprobs_ptr,  # [B * L] fp32 out: log p[id], 0 for ignored rows
-    lse_ptr,  # [B * L] out (fp32, fp64 for fp64 logits): logsumexp(logits / T) of each row
+    lse_ptr,  # [B * L] fp64 out: logsumexp(logits / T) of each row
     L,  # positions per sequence: row r = b * L + l
     s_logits_b, s_logits_l, s_logits_v,
     V,  # vocabulary size
@@ -57,32 +58,33 @@ def _token_logprobs_kernel(
     inv_t = hyper(inv_temperature_hi, inv_temperature_lo, FP64)
     offsets = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), dt)
-    s = tl.zeros((), dt)
+    s = tl.zeros((), tl.float64)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
-        a = tl.load(row + cols * s_logits_v, mask=cols < V, other=float("-inf")).to(dt) * inv_t
-        m, s, _, _ = online_logsumexp(a, m, s)
+        x = tl.load(row + cols * s_logits_v, mask=cols < V, other=float("-inf")).to(dt)
+        m, s, _, _, _ = online_logsumexp(x, inv_t, m, s)
+    shift = shift_of(m, inv_t)
     log_s = tl.log(s)
-    lse = m + log_s
 
     token = tl.load(ids_ptr + r)
     valid = (token >= 0) & (token < V)
-    picked = tl.load(row + tl.where(valid, token, 0) * s_logits_v).to(dt) * inv_t
-    # (a[id] - m) - log S rather than a[id] - lse: no rounding of |lse| * eps in the result
-    logprob = tl.where(token == IGNORE_INDEX, 0.0, tl.where(valid, (picked - m) - log_s, float("nan")))
+    picked = tl.load(row + tl.where(valid, token, 0) * s_logits_v).to(dt)
+    # (a[id] - c) - log S rather than a[id] - lse: no rounding of |lse| * eps in the result
+    picked_logprob = tl.fma(picked, inv_t, -shift).to(tl.float64) - log_s
+    logprob = tl.where(token == IGNORE_INDEX, 0.0, tl.where(valid, picked_logprob, float("nan")))
     tl.store(logprobs_ptr + r, logprob.to(tl.float32))
-    tl.store(lse_ptr + r, lse.to(lse_ptr.dtype.element_ty))
+    tl.store(lse_ptr + r, save_stat(shift, log_s))
 
 
-# Backward: d log p[id] / d a_j = 1[j == id] - p_j with p_j = exp(a_j - lse), and a = x / T, so row r with
-# upstream gradient g gets (g / T) (1[j == id] - p_j); the row is 0 (and nothing is read) if id == -100 or
-# g == 0. One sweep, written once.
+# Backward: d log p[id] / d a_j = 1[j == id] - p_j with p_j = exp(fma(x_j, 1 / T, -lse_hi)) exp(-lse_lo) (see
+# `split_stat`), and a = x / T, so row r with upstream gradient g gets (g / T) (1[j == id] - p_j); the row is 0
+# (and nothing is read) if id == -100 or g == 0. One sweep, written once.
 @triton.jit
 def _token_logprobs_backward_kernel(
     grad_ptr,  # [B * L] fp32 upstream gradient g of each row's log-prob
     logits_ptr,  # [B, L, V] logits, strides s_logits_*
     ids_ptr,  # [B * L] int64 token ids (-100 = ignore)
-    lse_ptr,  # [B * L] forward logsumexp(logits / T)
+    lse_ptr,  # [B * L] fp64 forward logsumexp(logits / T)
     out_ptr,  # [B, L, V] gradient out (logits dtype), strides s_out_*
     L,  # positions per sequence: row r = b * L + l
     s_logits_b, s_logits_l, s_logits_v,
@@ -99,7 +101,7 @@ def _token_logprobs_backward_kernel(
     inv_t = hyper(inv_temperature_hi, inv_temperature_lo, FP64)
     g = tl.load(grad_ptr + r).to(dt)
     token = tl.load(ids_ptr + r)
-    lse = tl.load(lse_ptr + r).to(dt)
+    lse_hi, _, exp_neg_lo = split_stat(tl.load(lse_ptr + r), FP64)
     scale = g * inv_t
     live = (token != IGNORE_INDEX) & (g != 0.0)
     live_columns = tl.where(live, V, 0)  # columns to read: V, or none
@@ -107,8 +109,8 @@ def _token_logprobs_backward_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
         inside = cols < V
-        a = tl.load(row + cols * s_logits_v, mask=cols < live_columns, other=float("-inf")).to(dt) * inv_t
-        p = tl.exp(a - lse)
+        x = tl.load(row + cols * s_logits_v, mask=cols < live_columns, other=float("-inf")).to(dt)
+        p = tl.exp(tl.fma(x, inv_t, -lse_hi)) * exp_neg_lo
         grad = tl.where(live, scale * (tl.where(cols == token, 1.0, 0.0) - p), 0.0)
         tl.store(out_row + cols * s_out_v, cast_for_store(grad, out_ptr), mask=inside)
 

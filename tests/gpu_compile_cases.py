@@ -11,6 +11,7 @@ import torch
 from gpu_compile import Case
 
 from trd_fast.constants import DIVERGENCES, JSD
+from trd_fast.ops.registry import STATS_DTYPE
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 NAMES = {F32: "fp32", BF16: "bf16", F16: "fp16", F64: "fp64"}
@@ -31,17 +32,13 @@ def row_strides(prefix: str, mixed: bool) -> dict:
     return {f"{prefix}_b": rows * V, f"{prefix}_l": V, f"{prefix}_v": 1}
 
 
-def stats_dtype(*dtypes):
-    return F64 if F64 in dtypes else F32
-
-
 def divergence_cases(backward: bool) -> list:
     cases = []
     for student, teacher in PAIRS:
         mixed = student != teacher
         for kind, name in KINDS.items():
             args = dict(student_ptr=ptr(student), teacher_ptr=ptr(teacher), value_ptr=ptr(F32),
-                        stats_ptr=ptr(stats_dtype(student, teacher)),
+                        stats_ptr=ptr(STATS_DTYPE),
                         L_student=LONG_ROWS if mixed else SHORT_ROWS, L_teacher=LONG_ROWS if mixed else SHORT_ROWS,
                         **row_strides("s_student", mixed),
                         **row_strides("s_teacher", mixed), V_common=V, inv_temperature_hi=1 / 0.7,
@@ -57,7 +54,7 @@ def token_logprobs_cases(backward: bool) -> list:
     cases = []
     for dtype in (F32, BF16, F16, F64):
         mixed = dtype == BF16  # bf16 logits of a long batch: 64-bit strides
-        args = dict(logits_ptr=ptr(dtype), ids_ptr=ptr(torch.int64), lse_ptr=ptr(stats_dtype(dtype)),
+        args = dict(logits_ptr=ptr(dtype), ids_ptr=ptr(torch.int64), lse_ptr=ptr(STATS_DTYPE),
                     L=LONG_ROWS if mixed else SHORT_ROWS, **row_strides("s_logits", mixed), V=V,
                     inv_temperature_hi=1 / 0.7, inv_temperature_lo=1e-9, FP64=dtype == F64)
         if backward:

@@ -21,7 +21,7 @@ FP32_TOL = dict(rtol=2e-5, atol=2e-6)
 FP64_TOL = dict(rtol=1e-10, atol=1e-12)
 META = torch.device("meta")
 DIVERGENCE_IDS = [d for d, _ in DIVERGENCES]
-TINY_BUDGET = 2000  # bytes: 8 rows per dense block, 2 per gathered block here
+TINY_BUDGET = 2000  # bytes: blocks of 5 rows (dense) or 2 (gathered) here
 
 
 @pytest.fixture(autouse=True)

@@ -40,14 +40,29 @@ def loss_demo(args: argparse.Namespace) -> None:
             optimizer.step()
 
 
+def torchrun_command(argv: list[str], processes: int) -> list[str]:
+    """The command that runs `trd-fast train` (its arguments `argv`, without --nproc) in `processes` processes on
+    this machine under torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "trd_fast.cli", "train", *argv]
+
+
 def train_command(args: argparse.Namespace) -> None:
+    if args.nproc:
+        import os
+
+        from trd_fast.trainer.run.world import launched
+        if launched():
+            raise ValueError("--nproc: this process was already started by torchrun")
+        command = torchrun_command(args.train_argv, args.nproc)
+        os.execv(command[0], command)
     from trd_fast.tasks.registry import resolve_task
     from trd_fast.trainer.run.config import load_config
     from trd_fast.trainer.run.loop import train
 
     config = load_config(args.config, args.set)
     records = train(config, resolve_task(config.data))
-    if records:
+    if records:  # rank 0's (the only one under torchrun)
         last = records[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}; metrics, checkpoint and curves in "
               f"{config.run.output_dir}")
@@ -93,6 +108,11 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         sub.add_argument("--config", help="YAML run config (sections as in trd_fast.trainer.run.config)")
         sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override one config value (repeatable), e.g. --set distill.mode=trd_splice")
+        if name == "train":
+            sub.add_argument("--nproc", type=_positive, default=0, metavar="N",
+                             help="train in N processes under torchrun (one device each: CUDA if model.device is, "
+                                  "else CPU); the same as torchrun --standalone --nproc_per_node=N -m trd_fast.cli "
+                                  "train ...")
         if name == "eval":
             sub.add_argument("--student", help="model directory to evaluate (default: OUTPUT_DIR/student)")
             sub.add_argument("--problems", type=int, default=0, help="held-out problems (default: config)")
@@ -108,16 +128,37 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
+    args.train_argv = _without_nproc(argv[argv.index("train") + 1:]) if args.command == "train" else []
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names it, no traceback
         parser.exit(2, f"trd-fast {args.command}: error: {error}\n")
     except FloatingPointError as error:  # the run diverged; the message says what was kept
         parser.exit(1, f"trd-fast {args.command}: error: {error}\n")
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """`train`'s arguments with --nproc N (or --nproc=N) taken out."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            kept.append(a)
+    return kept
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-// The streaming (online) softmax normaliser shared by the row kernels.
+// The streaming (online) softmax normaliser shared by the row kernels, and how a saved one is subtracted.
 //
 // For a row of raw logits x and inverse temperature u = 1/T: logsumexp(u x) = c + log S, with m the running
 // max of x, c = u m (rounded to the math type) and S = sum_j e^(u x_j - c). Rows are read in blocks of kBlock
 // elements (a block of each input stays in L1 between its two reads): first the block max (no exp); if it
 // raised m, S and every sum kept in the same frame are multiplied once by e^(c_old - c_new); then one exp
 // per element.
+// A log-normaliser A = c + log S is saved in double and split into two values of the math type, A = hi + lo.
+// A log-probability u x - A is formed in two steps, z - lo with z = fma(x, u, -hi) (rounded relative to |z|,
+// not to |A|: a single fp32 A near 1e4 is off by up to 5e-4, and so would be every log p), and a probability as
+// e^z e^-lo, so that it carries no rounding of log p either (that of |log p| ~ 10 would be ~4 ulp of p).
 #pragma once
 
 #include "vec_math.h"
@@ -40,6 +44,28 @@ struct OnlineSoftmax {
 
   // logsumexp(u x) of the row so far; -inf for a row of -inf.
   double lse() const { return double(shift) + std::log(sum); }
+};
+
+// A row's saved log-normaliser A = hi + lo (lo = 0 in double), for log p = z - lo and p = e^z e^-lo with
+// z = fma(x, u, -hi).
+template <typename acc_t>
+struct LogNormaliser {
+  Vectorized<acc_t> neg_hi;      // -hi
+  Vectorized<acc_t> neg_lo;      // -lo
+  Vectorized<acc_t> exp_neg_lo;  // e^-lo
+
+  explicit LogNormaliser(double lse)
+      : LogNormaliser(acc_t(lse), std::isfinite(lse) ? double(acc_t(lse)) - lse : 0.0) {}
+
+  Vectorized<acc_t> shifted(const Vectorized<acc_t>& x, const Vectorized<acc_t>& u) const {
+    return at::vec::fmadd(x, u, neg_hi);
+  }
+  Vectorized<acc_t> log_prob(const Vectorized<acc_t>& z) const { return z + neg_lo; }
+  Vectorized<acc_t> prob(const Vectorized<acc_t>& z) const { return vexp(z) * exp_neg_lo; }
+
+ private:
+  LogNormaliser(acc_t hi, double neg_lo_value)
+      : neg_hi(-hi), neg_lo(acc_t(neg_lo_value)), exp_neg_lo(acc_t(std::exp(neg_lo_value))) {}
 };
 
 // Largest element of x[0, n), n >= 1. A NaN element may or may not be skipped: callers detect NaN themselves.

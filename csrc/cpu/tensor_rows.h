@@ -1,5 +1,5 @@
-// How the CPU kernels see their tensors: rows of [B, L, V] logits with arbitrary strides on B and L, dtype
-// dispatch, and the freshly allocated gradient buffer.
+// How the CPU kernels see their tensors: rows of [B, L, V] logits with arbitrary strides on B and L, and dtype
+// dispatch.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,10 +7,6 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace trd_fast::cpu {
 
@@ -66,22 +62,6 @@ inline void dispatch_logit_pair(at::ScalarType student, at::ScalarType teacher, 
     return f(double{}, double{});
   }
   dispatch_reduced(student, "student", [&](auto s) { dispatch_reduced(teacher, "teacher", [&](auto t) { f(s, t); }); });
-}
-
-// A new contiguous tensor for a gradient that is written once, row by row. Its 2 MB-aligned interior is
-// advised to use transparent huge pages before anything touches it: first-touch page faults over a fresh
-// multi-hundred-MB buffer cost several times more with 4 KB pages ("madvise" THP mode). The advice is only a
-// hint; where it is refused the buffer is simply backed by small pages.
-inline at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
-  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t lo = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t hi = (begin + out.nbytes()) & ~(kHugePage - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-  return out;
 }
 
 // Rows per parallel_for task: about 64K logits, so that small problems are not split across threads.

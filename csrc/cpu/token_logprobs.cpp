@@ -3,10 +3,13 @@
 // Maths. Per row of [B, L, V] logits x, u = 1/T, a = u x:
 //   lse = logsumexp a, one streaming pass (online_softmax.h); logprob = a_id - lse (0 where id == -100).
 //   d logprob / d x_j = u (1[j == id] - e^(a_j - lse)): one more sweep, written into a new [B, L, V] tensor.
+//   lse is saved in double and subtracted in two steps (LogNormaliser), so that e^(a_j - lse) keeps fp32's
+//   relative precision at any logit magnitude.
 // NaN and +inf logits make the row's lse NaN (a row of -inf has lse = -inf and logprob NaN). An exp may hide a
 // NaN (ATen's exp_u20 clamps), so the pass also accumulates sum e x, which is not finite when a block holds a NaN
 // or an infinity; only then is the block searched for NaN or +inf.
 #include "constants.h"
+#include "gradient_buffers.h"
 #include "kernels.h"
 #include "online_softmax.h"
 #include "tensor_rows.h"
@@ -63,15 +66,16 @@ double row_lse(const scalar_t* x, int64_t n, acc_t inv_t) {
 
 // out[j] = scale (1[j == id] - e^(u x_j - lse)) over one row of n logits.
 template <typename acc_t, typename scalar_t>
-void gradient_row(scalar_t* out, const scalar_t* x, int64_t n, int64_t id, acc_t inv_t, acc_t lse, acc_t scale,
+void gradient_row(scalar_t* out, const scalar_t* x, int64_t n, int64_t id, acc_t inv_t, double lse, acc_t scale,
                   bool streaming) {
   using Vec = Vectorized<acc_t>;
-  const Vec u(inv_t), nl(-lse), minus_scale(-scale);
+  const Vec u(inv_t), minus_scale(-scale);
+  const LogNormaliser<acc_t> norm(lse);
   const auto sweep = [&](const auto& store_vec) {
     int64_t j = 0;
     for (; j + Vec::size() <= n; j += Vec::size()) {
       __builtin_prefetch(x + j + 1024);
-      store_vec(out + j, minus_scale * vexp(at::vec::fmadd(load<acc_t>(x + j), u, nl)));
+      store_vec(out + j, minus_scale * norm.prob(norm.shifted(load<acc_t>(x + j), u)));
     }
     return j;
   };
@@ -80,7 +84,7 @@ void gradient_row(scalar_t* out, const scalar_t* x, int64_t n, int64_t id, acc_t
                         : sweep([](scalar_t* p, const Vec& v) { store(p, v); });
   if (j < n) {
     const int64_t count = n - j;
-    store(out + j, minus_scale * vexp(at::vec::fmadd(load<acc_t>(x + j, count, -kInf<acc_t>), u, nl)), count);
+    store(out + j, minus_scale * norm.prob(norm.shifted(load<acc_t>(x + j, count, -kInf<acc_t>), u)), count);
   }
   streaming_fence();  // the streamed lanes are in memory before out[id] is overwritten
   out[id] = scalar_t(scale * (1 - std::exp(double(x[id]) * inv_t - lse)));
@@ -110,23 +114,22 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs(const at::Tensor& logits, cons
                                                   double temperature) {
   const at::Tensor ids = checked_ids(logits, token_ids);
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-  const auto lse_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor logprobs = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(lse_dtype));
+  at::Tensor lse = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kDouble));
   dispatch_logits(logits.scalar_type(), "logits", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_t_of<scalar_t>;
     const Rows<const scalar_t> rows(logits);
     const int64_t* id = ids.data_ptr<int64_t>();
     float* out = logprobs.data_ptr<float>();
-    acc_t* out_lse = lse.data_ptr<acc_t>();
+    double* out_lse = lse.data_ptr<double>();
     const int64_t v = logits.size(2);
     const acc_t inv_t = acc_t(1.0 / temperature);
     at::parallel_for(0, ids.numel(), grain_rows(v), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* x = rows[r];
         const double l = row_lse<acc_t>(x, v, inv_t);
-        out_lse[r] = acc_t(l);
+        out_lse[r] = l;
         if (id[r] == kIgnoreIndex) {
           out[r] = 0;
         } else {
@@ -153,9 +156,9 @@ at::Tensor token_logprobs_backward(const at::Tensor& grad_logprobs, const at::Te
     using acc_t = acc_t_of<scalar_t>;
     const Rows<const scalar_t> rows(logits);
     const at::Tensor g = grad_logprobs.to(at::kDouble).contiguous();
-    const at::Tensor l = lse.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const at::Tensor l = lse.to(at::kDouble).contiguous();
     const double* g_ptr = g.data_ptr<double>();
-    const acc_t* l_ptr = l.data_ptr<acc_t>();
+    const double* l_ptr = l.data_ptr<double>();
     const int64_t* id = ids.data_ptr<int64_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     const bool streaming = grad.nbytes() >= kStreamingBytes;

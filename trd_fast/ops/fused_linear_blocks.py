@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from trd_fast.ops.registry import OpSet
+from trd_fast.ops.registry import STATS_DTYPE, OpSet
 
-# Bytes of tiles one block may use, per device type; R = budget // (bytes per row), at least 1.
+# Bytes of tiles one block may use, per device type (Problem.row_block turns it into R rows).
 TILE_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
 DEFAULT_TILE_BUDGET = 256 << 20
 REDUCED = (torch.bfloat16, torch.float16)
@@ -120,7 +120,8 @@ class Problem:
         return self.sparse_ids is not None or self.top_k is not None
 
     def row_block(self, budget: int) -> int:
-        """R: rows whose tiles fit `budget` bytes (at least 1)."""
+        """R: rows whose tiles fit `budget` bytes (at least 1), evened out over the blocks N needs (no small
+        last block: a matmul over few rows runs well below the BLAS rate)."""
         item = torch.finfo(self.dtype).bits // 8
         width = self.support_width
         if self.gathers:  # gathered rows and their scattered gradient, the student's logits at the ids
@@ -128,7 +129,9 @@ class Problem:
             per_row += 0 if self.teacher is None else self.columns  # the teacher's tile for its top-k
         else:  # both tiles, and a separate gradient tile when the student's cap derivative needs z
             per_row = (2 + (self.student.softcap is not None)) * width
-        return max(1, min(self.rows, budget // (per_row * item)))
+        limit = max(1, budget // (per_row * item))
+        blocks = max(1, -(-self.rows // limit))
+        return max(1, -(-self.rows // blocks))
 
 
 @dataclass
@@ -275,7 +278,7 @@ class Engine:
         p = self.problem
         device = p.student.hidden.device
         values = torch.empty(p.rows, dtype=torch.float32, device=device)
-        stats = torch.empty((p.rows, 3), dtype=p.dtype, device=device)  # the kernels' stats dtype is the tiles'
+        stats = torch.empty((p.rows, 3), dtype=STATS_DTYPE, device=device)
         width = p.support_width if p.gathers else 0
         ids = torch.empty((p.rows, width), dtype=torch.int64, device=device)
         teacher = torch.empty((p.rows, width), dtype=p.dtype, device=device)

@@ -23,7 +23,7 @@ from torch import Tensor
 from trd_fast.ops.fused_linear_blocks import DEFAULT_TILE_BUDGET, TILE_BUDGET_BYTES, Engine, Gradients, Head, \
     Problem, Saved
 from trd_fast.ops.reduction import mean_normalizer, mean_scale, reduce_values, reduction_gradient
-from trd_fast.ops.registry import opset
+from trd_fast.ops.registry import STATS_DTYPE, opset
 from trd_fast.reference import compute_dtype
 
 PROBLEM = ("Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor? teacher_hidden, "
@@ -139,7 +139,7 @@ def _fake_values(*problem):
     dtype = _fake_dtype(problem)
     n = hidden.shape[0]
     k = sparse_ids.shape[1] if sparse_ids is not None else (top_k or 0)
-    return (hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((n, 3), dtype=dtype),
+    return (hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((n, 3), dtype=STATS_DTYPE),
             hidden.new_empty((n, k), dtype=torch.int64), hidden.new_empty((n, k), dtype=dtype))
 
 

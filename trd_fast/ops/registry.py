@@ -7,10 +7,10 @@ Every kernel backend provides the same six ops with the same schemas and semanti
 named trd_fast::<name> for "cpp" and trd_fast::<name>_triton for "triton":
 
   divergence(student [Bs,Ls,Vs], teacher [Bt,Lt,Vt], kind, beta, temperature, inplace_backward)
-      -> value [Bs,Ls] fp32, stats [Bs,Ls,3]  (row r = b * L + l on each side; Bs Ls == Bt Lt)
+      -> value [Bs,Ls] fp32, stats [Bs,Ls,3] fp64  (row r = b * L + l on each side; Bs Ls == Bt Lt)
   divergence_backward(grad_value [Bs,Ls], student, teacher, value, stats, kind, beta, temperature) -> [Bs,Ls,Vs]
   divergence_backward_(...same...) -> ()  writes the gradient over `student`
-  token_logprobs(logits [B,L,V], token_ids [B,L], temperature) -> logprobs [B,L] fp32, lse [B,L]
+  token_logprobs(logits [B,L,V], token_ids [B,L], temperature) -> logprobs [B,L] fp32, lse [B,L] fp64
   token_logprobs_backward(grad [B,L], logits, token_ids, lse, temperature) -> [B,L,V]
   prefix_scan(signal [B,L], lengths [B], threshold, window) -> cumsum [B,L], first [B] int64
 
@@ -69,9 +69,9 @@ def opset(name: str) -> OpSet:
     return TRITON_OPS
 
 
-def stats_dtype(student: torch.Tensor) -> torch.dtype:
-    """The dtype of the saved row statistics: fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
+# The dtype of the saved row statistics (log-normalizers), fp64 for every logit dtype: the backward subtracts them
+# in two steps, and fp32 would limit every log p to ~ulp(logits / T) (5e-4 near 1e4).
+STATS_DTYPE = torch.float64
 
 
 # ---------------------------------------------------------------------------------------------- the extension
@@ -147,7 +147,7 @@ def _register_fakes(ops: OpSet) -> None:
     def _(student, teacher, kind, beta, temperature, inplace_backward):
         lead = student.shape[:-1]
         return (student.new_empty(lead, dtype=torch.float32),
-                student.new_empty((*lead, 3), dtype=stats_dtype(student)))
+                student.new_empty((*lead, 3), dtype=STATS_DTYPE))
 
     @torch.library.register_fake(ops.qualname("divergence_backward"))
     def _(grad_value, student, teacher, value, stats, kind, beta, temperature):
@@ -160,7 +160,7 @@ def _register_fakes(ops: OpSet) -> None:
     @torch.library.register_fake(ops.qualname("token_logprobs"))
     def _(logits, token_ids, temperature):
         lead = logits.shape[:-1]
-        return logits.new_empty(lead, dtype=torch.float32), logits.new_empty(lead, dtype=stats_dtype(logits))
+        return logits.new_empty(lead, dtype=torch.float32), logits.new_empty(lead, dtype=STATS_DTYPE)
 
     @torch.library.register_fake(ops.qualname("token_logprobs_backward"))
     def _(grad_logprobs, logits, token_ids, lse, temperature):

@@ -21,7 +21,7 @@ from trd_fast.constants import FLOAT_DTYPES  # noqa: E402
 from trd_fast.kernels import (check_token_ids, divergence_backward, divergence_forward, segmented_scan,  # noqa: E402
                               token_logprobs_backward, token_logprobs_forward)
 from trd_fast.ops import checks  # noqa: E402
-from trd_fast.ops.registry import stats_dtype  # noqa: E402
+from trd_fast.ops.registry import STATS_DTYPE  # noqa: E402
 
 
 def _device_guard(x: torch.Tensor):
@@ -55,11 +55,11 @@ def _per_row(name: str, x: torch.Tensor, lead, dtype=None) -> torch.Tensor:
 
 def divergence_triton(student: torch.Tensor, teacher: torch.Tensor, kind: int, beta: float, temperature: float,
                       inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """value [B, L] fp32 and stats [B, L, 3] = (A, B, K) over the common columns; see kernels/divergence.py."""
+    """value [B, L] fp32 and stats [B, L, 3] fp64 = (A, B, K) over the common columns; see kernels/divergence.py."""
     _check_pair(student, teacher)
     lead = student.shape[:2]
     value = student.new_empty(lead, dtype=torch.float32)
-    stats = student.new_empty((*lead, 3), dtype=stats_dtype(student))
+    stats = student.new_empty((*lead, 3), dtype=STATS_DTYPE)
     with _device_guard(student):
         divergence_forward(student, teacher, value, stats, kind, beta, temperature)
     return value, stats
@@ -94,12 +94,12 @@ def divergence_backward__triton(grad_value: torch.Tensor, student: torch.Tensor,
 
 def token_logprobs_triton(logits: torch.Tensor, token_ids: torch.Tensor,
                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logprobs [B, L] fp32 (0 where id == -100) and lse [B, L] of logits / T (fp64 for fp64 logits)."""
+    """logprobs [B, L] fp32 (0 where id == -100) and lse [B, L] fp64 of logits / T."""
     _check_rows("logits", logits)
     lead = logits.shape[:2]
     ids = _per_row("token_ids", token_ids, lead, torch.int64)
     logprobs = logits.new_empty(lead, dtype=torch.float32)
-    lse = logits.new_empty(lead, dtype=stats_dtype(logits))
+    lse = logits.new_empty(lead, dtype=STATS_DTYPE)
     with _device_guard(logits):
         if logits.device.type == "cuda":
             check_token_ids(ids, logits.shape[2])  # device-side assert; exact CPU checks run above us

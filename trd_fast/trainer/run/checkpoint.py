@@ -98,14 +98,14 @@ def atomic_save(state: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def save_model_directory(model, tokenizer, directory: Path) -> None:
-    """`model` and `tokenizer` as a Hugging Face model directory: saved into a sibling, then swapped in for
-    `directory` (the previous one is renamed away first and removed last). Weights holding NaN or inf are not
-    written (NonFiniteState, `directory` unchanged)."""
-    _refuse_non_finite(model.state_dict(), directory)
+def save_model_directory(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """`model` (with the weights `state_dict` when given: a sharded model's full state) and `tokenizer` as a Hugging
+    Face model directory: saved into a sibling, then swapped in for `directory` (the previous one is renamed away
+    first and removed last). Weights holding NaN or inf are not written (NonFiniteState, `directory` unchanged)."""
+    _refuse_non_finite(model.state_dict() if state_dict is None else state_dict, directory)
     temporary, previous = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
+    model.save_pretrained(temporary, state_dict=state_dict)
     tokenizer.save_pretrained(temporary)
     shutil.rmtree(previous, ignore_errors=True)
     if directory.exists():

@@ -19,6 +19,7 @@ MODES = ("opd", "trd", "trd_splice")
 TEACHER_SOURCES = ("external", "self")
 OPD_LOSSES = ("reverse_kl", "forward_kl", "clipped_forward_kl", "top_k_reverse_kl", "jsd")
 SPLICE_SIGNALS = ("nll", "log_ratio", "divergence")
+TEACHER_PLACEMENTS = ("replicate", "shard")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ModelConfig:
     lora_rank: int = 0                 # 0: full fine-tuning; > 0: LoRA adapters of this rank (needs peft)
     lora_alpha: float = 16.0           # LoRA scaling numerator
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names that get adapters
+    teacher_placement: str = "replicate"  # under torchrun: replicate (a full teacher per rank) | shard (FSDP2)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class RunConfig:
     resume: bool = True                # continue from output_dir/checkpoint.pt when it exists
     progress: bool = True              # tqdm bars for steps and rollouts
     save_student: bool = True          # save the trained student with save_pretrained at the end
+    collective_timeout_s: float = 600.0  # under torchrun: a rank waiting this long in a collective fails the run
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ NUMERIC_BOUNDS = {
     "run.seed": Bounds(0, 2**32, high_open=True),  # seeds torch generators, numpy and the data order
     "run.checkpoint_every": AT_LEAST_0,
     "run.eval_every": AT_LEAST_0,
+    "run.collective_timeout_s": POSITIVE,
 }
 
 # The placeholders each JSONL template may use.
@@ -206,6 +210,8 @@ def _validate(c: TrainConfig) -> None:
          f"expected one of {SPLICE_SIGNALS}, got {d.splice_signal!r}")
     need(o.micro_batches <= o.batch_size, "optim.micro_batches",
          f"must be in [1, batch_size={o.batch_size}], got {o.micro_batches}")
+    need(c.model.teacher_placement in TEACHER_PLACEMENTS, "model.teacher_placement",
+         f"expected one of {TEACHER_PLACEMENTS}, got {c.model.teacher_placement!r}")
     need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
     need(c.model.lora_rank == 0 or bool(c.model.lora_targets), "model.lora_targets",
          "LoRA (model.lora_rank > 0) needs at least one target module")

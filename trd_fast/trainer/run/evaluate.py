@@ -27,10 +27,15 @@ class Evaluation:
     verdicts: list[bool | None]    # the verifier's verdict on it (None: the example has no answer)
 
     @property
+    def verified(self) -> tuple[int, int]:
+        """(verified completions, examples with an answer): the counts the accuracy is, summable over shards."""
+        checked = [v for v in self.verdicts if v is not None]
+        return sum(checked), len(checked)
+
+    @property
     def accuracy(self) -> float:
         """The share of verified completions among the examples with an answer; nan when none has one."""
-        checked = [v for v in self.verdicts if v is not None]
-        return sum(checked) / len(checked) if checked else math.nan
+        return accuracy(*self.verified)
 
     @property
     def mean_len(self) -> float:
@@ -38,6 +43,11 @@ class Evaluation:
 
     def summary(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "mean_len": self.mean_len, "problems": len(self.completions)}
+
+
+def accuracy(correct: float, checked: float) -> float:
+    """`correct` verified completions of `checked` examples with an answer, as a share; nan when `checked` is 0."""
+    return correct / checked if checked else math.nan
 
 
 def evaluate(runner: Runner, task: Task, tokenize: Tokenize, examples: Sequence[Example], *, max_new_tokens: int,

@@ -1,4 +1,5 @@
-"""metrics.jsonl (one record per step, truncated to the checkpoint's step on resume) and the curves PNG."""
+"""metrics.jsonl (one record per step, truncated to the checkpoint's step on resume), the curves PNG, and one
+step's record from every rank's share of it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from trd_fast.text_files import read_utf8
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+# How the ranks' records of one step combine (every other key is a mean over rows: the mean of the ranks' means,
+# their shares being equal). Loss terms, trained tokens, grad_norm and lr are already global on every rank.
+GLOBAL = ("step", "loss", "divergence", "entropy", "epistemic_mass", "trained_tokens", "grad_norm", "lr")
+SLOWEST = ("step_s", "rollout_s", "refine_s", "train_s")      # wall-clock: the slowest rank's
+SUMMED = ("student_prefill_tokens", "student_decode_tokens", "teacher_prefill_tokens", "teacher_decode_tokens",
+          "teacher_draft_tokens", "teacher_accepted_tokens", "teacher_tokens", "teacher_forwards",
+          "teacher_rescore_forwards", "teacher_rescore_tokens", "teacher_scored_tokens")
 PLOTTED = ("loss", "divergence", "entropy", "y_o_accuracy", "y_r_accuracy", "failure_rate", "y_o_len", "y_r_len",
            "epistemic_mass", "eval_accuracy", "step_s", "teacher_tokens")
 
@@ -25,6 +33,35 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
             f.flush()
+
+
+def merge_records(records: list[dict]) -> dict:
+    """One step's record of the whole run from each rank's record of its share (one record: itself)."""
+    if len(records) == 1:
+        return records[0]
+    merged = {}
+    for key, first in records[0].items():
+        values = [r[key] for r in records]
+        if key in GLOBAL:
+            merged[key] = first
+        elif key in SLOWEST:
+            merged[key] = max(values)
+        elif key in SUMMED:
+            merged[key] = sum(values)
+        elif isinstance(first, bool):
+            merged[key] = any(values)
+        elif key == "splice_position":  # a mean over each rank's failed rows
+            failed = [r["failure_rate"] for r in records]
+            merged[key] = (sum(f * v for f, v in zip(failed, values) if f) / sum(failed) if any(failed)
+                           else math.nan)
+        else:
+            merged[key] = sum(values) / len(values)
+    if "trained_tokens_per_s" in merged:
+        merged["trained_tokens_per_s"] = merged["trained_tokens"] / merged["step_s"]
+    if "teacher_acceptance" in merged:
+        drafted = merged["teacher_draft_tokens"]
+        merged["teacher_acceptance"] = merged["teacher_accepted_tokens"] / drafted if drafted else math.nan
+    return merged
 
 
 def read_metrics(path: Path) -> list[dict]:

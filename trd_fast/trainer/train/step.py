@@ -41,16 +41,18 @@ class StepResult:
     divergence: float        # mean raw per-token divergence over trained tokens
     entropy: float           # mean student entropy (T = 1) over trained tokens, on the loss's support
     epistemic_mass: float    # mean teacher probability on the epistemic tokens over trained tokens, same support
-    tokens: int              # trained tokens in the global batch
+    tokens: int              # trained tokens in the global batch (the normaliser)
     sparse_targets: bool     # the teacher targets were kept as top-k
 
 
 def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epistemic_ids: Tensor,
-             inplace_backward: bool) -> StepResult:
-    """Forward and backward over the batch (gradients accumulate in the model); no optimizer step."""
+             inplace_backward: bool, total_tokens: int | None = None) -> StepResult:
+    """Forward and backward over the batch (gradients accumulate in the model); no optimizer step. The loss and
+    the per-token means are normalised by `total_tokens`, the trained tokens of the global batch (default: this
+    batch's); when the batch is one rank's share, its values are that rank's share of the global ones."""
     spec = loss_spec(d)
     device = next(model.parameters()).device
-    total = sum(len(y) for y in batch.completions)
+    total = sum(len(y) for y in batch.completions) if total_tokens is None else total_tokens
     normalizer = torch.tensor(float(max(total, 1)), device=device)
     rows = len(batch.completions)
     bounds = [round(i * rows / micro_batches) for i in range(micro_batches + 1)]
