@@ -119,7 +119,7 @@ def main() -> None:
             },
         },
     }
-    path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / "engine-cpu.json"
+    path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / "engine-cpu.json"
     harness.write_json(path, document)
     header = ["mode", *PHASES, "teacher_forwards", "teacher_prefill_tokens", "teacher_decode_tokens",
               "teacher_draft_tokens", "teacher_acceptance", "teacher_rescore_forwards"]

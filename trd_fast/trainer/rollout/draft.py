@@ -170,16 +170,16 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
                                        history=history, draft=True)         # [A, 1 + D, V]
         accepted, token = verify(logits, drafts, torch.tensor(counts, device=device), sampling, generator,
                                  runner.vocab_size)
-        runner.counters.accepted_tokens += int(accepted.sum())
         _record(runner, trace, alive, logits, drafts, accepted, token, capture)
         taken, drawn = accepted.tolist(), token.tolist()
+        runner.counters.accepted_tokens += sum(taken)
         for i, p, a, t in zip(order, proposals, taken, drawn):
             drafter.advance(i, p[:a] + [t], a)
         going = (token != runner.eos_id) & (trace.lengths[alive] < budget[alive])
         keep = going.nonzero()[:, 0]
         if len(keep):
-            state = _drop_rejected(state, accepted, width, keep)
             kept = keep.tolist()
+            state = _drop_rejected(state, accepted, width, keep, longest=max(taken[i] for i in kept))
             history = [history[i] + fed_heads[i] + proposals[i][:taken[i]] for i in kept]
             fed_heads = [[drawn[i]] for i in kept]
             heads = list(token[keep].view(-1, 1).unbind(0))
@@ -198,11 +198,12 @@ def _record(runner: Runner, trace: Trace, alive: Tensor, logits: Tensor, drafts:
                    accepted + 1, runner.eos_id)
 
 
-def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, keep: Tensor) -> CachedBatch:
+def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, keep: Tensor, *,
+                   longest: int) -> CachedBatch:
     """The batch of rows `keep` with the rejected draft slots of the last forward (its last `width` columns)
-    masked out, cut back to the longest kept block."""
+    masked out, cut back to the longest kept block (`longest`: the most draft tokens a kept row accepted)."""
     start = state.mask.shape[1] - width
     kept = torch.arange(width, device=accepted.device) < accepted[:, None]                # [A, D]
     mask = torch.cat([state.mask[:, :start], state.mask[:, start:] & kept], dim=1)
-    cut = CachedBatch(state.cache, mask).crop(start + int(accepted[keep].max()))
+    cut = CachedBatch(state.cache, mask).crop(start + longest)
     return cut if len(keep) == len(accepted) else cut.select(keep)

@@ -16,9 +16,11 @@ class Trace:
         self._adds: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
 
     def add(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, logits: Tensor | None, eos_id: int) -> None:
-        """Rows [A] (distinct) drew tokens [A] with log-probs [A] from raw logits [A, V] (None: not kept)."""
-        self.add_runs(rows, tokens[:, None], logprobs[:, None], None if logits is None else logits[:, None],
-                      torch.ones_like(rows), eos_id)
+        """Rows [A] (distinct) drew tokens [A] with log-probs [A] from raw logits [A, V] (None: not kept). The
+        tensors are kept as they are: no host sync and no copy per decoded token."""
+        self._adds.append((rows, self.lengths[rows], tokens, logprobs, logits))  # the index makes positions a copy
+        self.lengths[rows] += 1
+        self.finished[rows] = tokens == eos_id
 
     def add_runs(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, logits: Tensor | None, counts: Tensor,
                  eos_id: int) -> None:
