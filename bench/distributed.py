@@ -151,7 +151,7 @@ def main() -> None:
             r["run"]: 1 - max(p["parameter_bytes"] + p["optimizer_bytes"] for p in r["per_rank"])
             / (plain["parameter_bytes"] + plain["optimizer_bytes"]) for r in rows},
     }
-    path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / "distributed-cpu.json"
+    path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / "distributed-cpu.json"
     harness.write_json(path, document)
     print("run | step s (median) | rollout s | refine s | train s | CPU s per step per rank | "
           "peak RSS MiB per rank | parameter + optimizer KiB per rank")

@@ -4,13 +4,14 @@ token counters (teacher prefill, decode and draft tokens apart, forwards, draft 
     .venv/bin/python -m bench.engine_step            # -> bench/results/engine-cpu.json, table on stdout
     .venv/bin/python -m bench.engine_step --smoke    # 1 repeat, small batch (JSON to the temp dir)
 
-Each run trains `repeats` single steps from the shipped student on the same prompts and the same sampling seed
-(so the same rollouts y_o; the greedy teacher writes the same y_r with or without drafts); times are medians over
-the repeats, counters come from the last (they are the same in every repeat: the runs are deterministic). trd
-runs with plain decoding and with drafts of several lengths (the default length is chosen from them), trd_splice
-with plain decoding and with the default drafts. The targets this checks: no mode re-scores with the teacher;
-drafted trd needs at most 1/3 of plain decoding's teacher forwards and at most 1.25x opd's step time; the
-drafted splice is no slower than the plain one.
+Each run trains `repeats` single steps from the shipped student on the same prompts and the same sampling seed (so
+the same rollouts y_o; the greedy teacher writes the same y_r with or without drafts). The repeats go round the
+runs in turn, so a change in the machine's load reaches every run alike; times are medians over the repeats (and
+their minima, `*_min`, the least disturbed on a shared machine), counters come from the last (they are the same in
+every repeat: the runs are deterministic). trd runs with plain decoding and with drafts of several lengths (the
+default length is chosen from them), trd_splice with plain decoding and with the default drafts. The targets this
+checks: no mode re-scores with the teacher; drafted trd needs at most 1/3 of plain decoding's teacher forwards and
+at most 1.25x opd's step time; the drafted splice is no slower than the plain one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.config import DistillConfig, from_dict
 
 DRAFT = DistillConfig().draft_tokens
-TRD_DRAFTS = (0, 2, 4, 8, 16)                     # trd's draft lengths measured (0: plain decoding)
+MAX_NEW_TOKENS = 40                               # the demo's cap: the refine prompt, an attempt and a rewrite of
+                                                  # this many tokens each fit the shipped teacher's 256 positions
+TRD_DRAFTS = (0, 2, 3, 4, 8, 16)                  # trd's draft lengths measured (0: plain decoding)
 RUNS = (("opd", 0, 0), *(("trd", 0, d) for d in TRD_DRAFTS),
         ("trd_splice", 4, 0), ("trd_splice", 4, DRAFT), ("trd_splice", 0, DRAFT), ("trd_splice", 1, DRAFT))
 PHASES = ("rollout_s", "refine_s", "train_s", "step_s")
@@ -43,6 +46,7 @@ def step_config(mode: str, out: Path, batch_size: int, chunk: int, draft: int):
     return from_dict({
         "model": {"student": str(checkpoint_dir("student")), "teacher": str(checkpoint_dir("teacher"))},
         "data": {"task": "chain", "train_examples": batch_size},
+        "rollout": {"max_new_tokens": MAX_NEW_TOKENS},
         "distill": {"mode": mode, "splice_chunk": chunk, "draft_tokens": draft},
         "optim": {"steps": 1, "batch_size": batch_size},
         "run": {"output_dir": str(out), "progress": False, "checkpoint_every": 0, "resume": False,
@@ -56,35 +60,47 @@ def run_name(mode: str, chunk: int, draft: int) -> str:
     return f"trd ({drafting})" if mode == "trd" else mode
 
 
-def measure(mode: str, chunk: int, draft: int, repeats: int, batch_size: int) -> dict:
-    records = []
+def one_step(mode: str, chunk: int, draft: int, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        return loop.train(step_config(mode, Path(out), batch_size, chunk, draft), ChainTask())[-1]
+
+
+def measure(repeats: int, batch_size: int) -> list[dict]:
+    records: list[list[dict]] = [[] for _ in RUNS]
     for _ in range(repeats):
-        with tempfile.TemporaryDirectory() as out:
-            records.append(loop.train(step_config(mode, Path(out), batch_size, chunk, draft), ChainTask())[-1])
-    row = {"mode": run_name(mode, chunk, draft), "splice_chunk": chunk, "draft_tokens": draft,
-           **{k: statistics.median(r[k] for r in records) for k in PHASES}}
-    row.update({k: records[-1].get(k) for k in COUNTERS})
-    return row
+        for run, done in zip(RUNS, records):
+            done.append(one_step(*run, batch_size))
+    rows = []
+    for (mode, chunk, draft), done in zip(RUNS, records):
+        row = {"mode": run_name(mode, chunk, draft), "splice_chunk": chunk, "draft_tokens": draft,
+               **{k: statistics.median(r[k] for r in done) for k in PHASES},
+               **{f"{k}_min": min(r[k] for r in done) for k in PHASES}}
+        row.update({k: done[-1].get(k) for k in COUNTERS})
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="1 repeat, batch 4, JSON to the temp dir")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     batch, repeats = (4, 1) if args.smoke else (args.batch_size, args.repeats)
-    rows = [measure(mode, chunk, draft, repeats, batch) for mode, chunk, draft in RUNS]
+    facts = harness.machine("cpu")
+    rows = measure(repeats, batch)
+    facts["loadavg_at_end"] = harness.loadavg()
     by_name = {r["mode"]: r for r in rows}
     opd, plain_trd = by_name["opd"], by_name[run_name("trd", 0, 0)]
     drafted_trd = by_name[run_name("trd", 0, DRAFT)]
     plain_splice, drafted_splice = by_name[run_name("trd_splice", 4, 0)], by_name[run_name("trd_splice", 4, DRAFT)]
     document = {
-        "machine": harness.machine("cpu"),
+        "machine": facts,
         "setup": {"task": "chain", "models": "shipped teacher and student (trd_fast/tasks/checkpoints)",
-                  "batch_size": batch, "repeats": repeats, "dtype": "float32", "threads": 2,
-                  "default_draft_tokens": DRAFT},
+                  "batch_size": batch, "max_new_tokens": MAX_NEW_TOKENS, "repeats": repeats, "dtype": "float32",
+                  "threads": args.threads, "default_draft_tokens": DRAFT},
         "rows": rows,
         "checks": {
             "rescore_forwards": {r["mode"]: r["teacher_rescore_forwards"] for r in rows},
@@ -103,7 +119,7 @@ def main() -> None:
             },
         },
     }
-    path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / "engine-cpu.json"
+    path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / "engine-cpu.json"
     harness.write_json(path, document)
     header = ["mode", *PHASES, "teacher_forwards", "teacher_prefill_tokens", "teacher_decode_tokens",
               "teacher_draft_tokens", "teacher_acceptance", "teacher_rescore_forwards"]

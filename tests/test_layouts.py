@@ -11,10 +11,10 @@ import torch
 from conftest import FP32, assert_matches, check_against_oracle, evaluate, randn
 
 import trd_fast
-from trd_fast import reference
+from trd_fast import constants, reference
 from trd_fast.ops.rows import as_rows
 
-IGNORE = -100
+IGNORE = constants.IGNORE_INDEX
 VOCAB_STUDENT, VOCAB_TEACHER = 11, 13  # a padded teacher vocabulary: only the common columns count
 
 # Leading shapes of 1-D to 5-D inputs.

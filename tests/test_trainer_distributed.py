@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file
 
 from test_trainer_engine import models  # noqa: F401  (the fixture: tiny student, teacher, data)
@@ -387,17 +388,42 @@ def test_torchrun_command_line_equals_trd_fast_train(models, tmp_path):
     assert_same_run(read[0], read[1], tmp_path / "two" / "student", tmp_path / "one" / "student")
 
 
-def test_trd_fast_train_nproc_execs_torchrun(monkeypatch):
+def recorded_execv(monkeypatch) -> list[list[str]]:
+    """os.execv replaced by a recorder that ends the process's work as exec would."""
     launched = []
+
     def execv(path, argv):
         launched.append(argv)
         raise SystemExit(0)  # exec never returns
 
     monkeypatch.setattr(os, "execv", execv)
+    return launched
+
+
+def test_trd_fast_train_nproc_execs_torchrun(models, tmp_path, monkeypatch):
+    launched = recorded_execv(monkeypatch)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw_config(models, tmp_path / "out")), encoding="utf-8")
     with pytest.raises(SystemExit):
-        cli.main(["train", "--config", "c.yaml", "--nproc", "3", "--set", "optim.steps=2"])
-    assert launched == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m",
-                         "trd_fast.cli", "train", "--config", "c.yaml", "--set", "optim.steps=2"]]
+        cli.main(["train", "--config", str(config), "--nproc", "4", "--set", "optim.steps=2"])
+    assert launched == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m",
+                         "trd_fast.cli", "train", "--config", str(config), "--set", "optim.steps=2"]]
+
+
+@pytest.mark.parametrize("nproc, settings, message", [
+    ("3", [], "config optim.batch_size: 8 prompts must split evenly over 3 processes"),
+    ("2", ["--set", "optim.micro_batches=8"], "config optim.micro_batches: 8 micro-batches need at least as many"),
+    ("2", ["--set", "optim.lr=2"], "config optim.lr: must be in (0, 1]")])
+def test_trd_fast_train_nproc_refuses_bad_input_before_starting_processes(models, tmp_path, monkeypatch, capsys,
+                                                                         nproc, settings, message):
+    launched = recorded_execv(monkeypatch)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw_config(models, tmp_path / "out")), encoding="utf-8")
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["train", "--config", str(config), "--nproc", nproc, *settings])
+    assert ended.value.code == 2 and not launched  # exit 2, torchrun never started
+    error = capsys.readouterr().err
+    assert error.startswith(f"trd-fast train: error: {message}") and error.count("\n") == 1, error
 
 
 FAULTY_RANK = """

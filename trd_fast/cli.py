@@ -48,19 +48,21 @@ def torchrun_command(argv: list[str], processes: int) -> list[str]:
 
 
 def train_command(args: argparse.Namespace) -> None:
+    from trd_fast.trainer.run.config import load_config
+
+    config = load_config(args.config, args.set)  # bad input: one line and exit 2 here, before any process starts
     if args.nproc:
         import os
 
-        from trd_fast.trainer.run.world import launched
+        from trd_fast.trainer.run.world import check_batch_split, launched
         if launched():
             raise ValueError("--nproc: this process was already started by torchrun")
+        check_batch_split(config.optim.batch_size, config.optim.micro_batches, args.nproc)
         command = torchrun_command(args.train_argv, args.nproc)
         os.execv(command[0], command)
     from trd_fast.tasks.registry import resolve_task
-    from trd_fast.trainer.run.config import load_config
     from trd_fast.trainer.run.loop import train
 
-    config = load_config(args.config, args.set)
     records = train(config, resolve_task(config.data))
     if records:  # rank 0's (the only one under torchrun)
         last = records[-1]

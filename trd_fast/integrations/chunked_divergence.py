@@ -43,8 +43,9 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
                                                               teacher_hidden_states.dtype)
     trained = completion_mask.reshape(-1) != 0  # [B * K]
     n_valid = trained.sum()
-    student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1])[trained]  # [n, H_s]
-    teacher = teacher_hidden_states.reshape(-1, teacher_hidden_states.shape[-1])[trained]  # [n, H_t]
+    index = trained.nonzero()[:, 0]  # [n]: one host sync for both sides
+    student = student_hidden_states.reshape(-1, student_hidden_states.shape[-1]).index_select(0, index)  # [n, H_s]
+    teacher = teacher_hidden_states.reshape(-1, teacher_hidden_states.shape[-1]).index_select(0, index)  # [n, H_t]
     total = fused_linear_distillation_loss(
         student, student_lm_head_weight, teacher, teacher_lm_head_weight, student_bias=student_lm_head_bias,
         teacher_bias=teacher_lm_head_bias, student_logit_scale=student_logit_scale,

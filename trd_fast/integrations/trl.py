@@ -105,8 +105,9 @@ def patch_trl(trainer=None, *, backend=None, inplace_backward=False):
                            "not patching")
     original = getattr(current, "__wrapped__", current) if _is_ours(current) else current
     _check_signature(original, target, version)
-    own = _function(vars(owner).get(target.attribute, _MISSING))
-    previous = own.trd_fast_previous if _is_ours(own) else vars(owner).get(target.attribute, _MISSING)
+    entry = vars(owner).get(target.attribute, _MISSING)  # the owner's own, not inherited
+    own = _function(entry)
+    previous = own.trd_fast_previous if _is_ours(own) else entry
     replacement = _replacement(original, target, dict(backend=backend, inplace_backward=inplace_backward))
     replacement.trd_fast_previous = previous
     setattr(owner, target.attribute, staticmethod(replacement) if isinstance(owner, type) else replacement)

@@ -97,7 +97,7 @@ def _score(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], width: in
         else:            # y_o[start - 1:end - 1] on the cache holding context + y_o[:start - 1]
             heads = [y_o[b][:0] for b in active]
             tails = [y_o[b][start - 1:end - 1] for b, end in zip(active, ends)]
-            history = [torch.cat([contexts[b], y_o[b][:start - 1]]) for b in active]
+            history = [torch.cat([contexts[b], y_o[b][:start - 1]]).tolist() for b in active]
         hidden, state = teacher.prefill([rows[b] for b in active], heads, tails, keep=stop - start, state=state,
                                         history=history)             # [A, stop - start, H], slot j = start + j
         index = torch.tensor(active, device=device)
@@ -192,6 +192,6 @@ def _continue_drafted(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor]
     for i in needs.tolist():
         drafter.advance(i, [int(last[i])], 0)
     verify_decode(teacher, drafter, rows=[rows[b] for b in fails], heads=[last[i:i + 1] for i in needs.tolist()],
-                  history=[torch.cat([contexts[fails[i]], y_o[fails[i]][:at[i]]]) for i in needs.tolist()],
+                  history=[torch.cat([contexts[fails[i]], y_o[fails[i]][:at[i]]]).tolist() for i in needs.tolist()],
                   state=state, trace=trace, alive=needs, budget=budget, sampling=sampling, generator=generator,
                   capture=True, progress=progress)

@@ -38,27 +38,37 @@ class Ledger:
     """
 
     def __init__(self):
-        self._fed: dict[int, dict] = {}   # row id -> trie of its fed sequences
+        self._fed: dict[int, dict] = {}                          # row id -> trie of its fed sequences
+        self._last: dict[int, tuple[list[int], list[dict]]] = {}  # row id -> its last fed sequence, and the trie
+                                                                  # node after each of its prefixes
 
     def feed(self, rows: Sequence[int], sequences: Sequence[list[int]], starts: Sequence[int]) -> list[int]:
         """Records that row rows[i] was fed sequences[i][starts[i]:] after sequences[i][:starts[i]] (token ids);
         returns the number of those tokens already fed before this call. All rows are checked before any is
         recorded, so two rows of one forward never count each other."""
-        counts = [max(0, _walk(self._fed.get(row, {}), seq)[0] - start)
-                  for row, seq, start in zip(rows, sequences, starts)]
-        for row, seq in zip(rows, sequences):
-            depth, node = _walk(self._fed.setdefault(row, {}), seq)
-            for token in seq[depth:]:
+        walks = [self._walk(row, seq, start) for row, seq, start in zip(rows, sequences, starts)]
+        counts = [max(0, len(nodes) - 1 - start) for nodes, start in zip(walks, starts)]
+        for row, seq, nodes in zip(rows, sequences, walks):
+            node = nodes[-1]
+            for token in seq[len(nodes) - 1:]:
                 node = node.setdefault(token, {})
+                nodes.append(node)
+            self._last[row] = (seq, nodes)
         return counts
 
-
-def _walk(trie: dict, sequence: list[int]) -> tuple[int, dict]:
-    """How far `sequence` runs along the trie from its root, and the node reached."""
-    node, depth = trie, 0
-    for token in sequence:
-        child = node.get(token)
-        if child is None:
-            break
-        node, depth = child, depth + 1
-    return depth, node
+    def _walk(self, row: int, sequence: list[int], start: int) -> list[dict]:
+        """The trie nodes along `sequence` from the root as far as the row's trie holds it (one more than the
+        depth reached). A feed that continues the row's last one (the usual case: its first `start` tokens are
+        a prefix of it) resumes from there instead of walking from the root."""
+        last = self._last.get(row)
+        if last is not None and start <= len(last[0]) and sequence[:start] == last[0][:start]:
+            nodes = last[1][:start + 1]
+        else:
+            nodes = [self._fed.setdefault(row, {})]
+        node = nodes[-1]
+        for token in sequence[len(nodes) - 1:]:
+            node = node.get(token)
+            if node is None:
+                break
+            nodes.append(node)
+        return nodes

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import trd_fast
+
 from trd_fast.trainer.rollout.kv_cache import CachedBatch
 from trd_fast.trainer.rollout.sampling import SamplingConfig, filtered_weights, greedy, inverse_cdf, uniform
 from trd_fast.trainer.rollout.trace import Trace
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DraftConfig:
-    tokens: int = 16   # D: draft tokens verified per forward and row; 0: no drafting
+    tokens: int = 3    # D: draft tokens verified per forward and row; 0: no drafting
     match: int = 3     # generated tokens matched in the source to re-synchronise the pointer after a mismatch
 
     def __post_init__(self):
@@ -142,43 +144,47 @@ def verify(logits: Tensor, drafts: Tensor, lengths: Tensor, sampling: SamplingCo
 
 @torch.no_grad()
 def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], heads: Sequence[Tensor],
-                  history: Sequence[Tensor] | None, state: CachedBatch | None, trace: Trace, alive: Tensor,
+                  history: Sequence[list[int]] | None, state: CachedBatch | None, trace: Trace, alive: Tensor,
                   budget: Tensor, sampling: SamplingConfig, generator: torch.Generator, capture: bool,
                   progress: str | None) -> None:
     """Generate for the alive rows (indices [A] into the trace and the drafter; `state` holds them in that order,
     None before their prompts) until each stops at EOS or at its budget (budget [R]: the trace length it may
     reach). Each forward feeds row i heads[i] (its prompt, or its pending token) and its draft, after
-    history[i] (the tokens `state` holds for it; None: nothing). `rows[r]` is trace row r's ledger id; each
+    history[i] (the token ids `state` holds for it; None: nothing). `rows[r]` is trace row r's ledger id; each
     forward is recorded in the ledger as it is fed, rejected draft tails included."""
     device = runner.device
-    history = list(history) if history is not None else [h[:0] for h in heads]
+    history = [list(h) for h in history] if history is not None else [[] for _ in heads]
     heads = list(heads)
+    fed_heads = [h.tolist() for h in heads]
     bar = tqdm(desc=progress, disable=progress is None, leave=False)
     while len(alive):
         order = alive.tolist()
         room = (budget[alive] - trace.lengths[alive] - 1).tolist()          # tokens before the final draw
         proposals = [drafter.propose(i, r) for i, r in zip(order, room)]
-        lengths = torch.tensor([len(p) for p in proposals], device=device)   # [A]
-        width = max(len(p) for p in proposals)
-        drafts = torch.zeros(len(order), width, dtype=torch.int64, device=device)  # [A, D]
-        for i, p in enumerate(proposals):
-            drafts[i, :len(p)] = torch.tensor(p, dtype=torch.int64)
-        tails = [drafts[i, :len(p)] for i, p in enumerate(proposals)]
+        counts = [len(p) for p in proposals]
+        width = max(counts)
+        drafts = torch.tensor([p + [runner.pad_id] * (width - len(p)) for p in proposals], dtype=torch.int64,
+                              device=device).view(len(order), width)       # [A, D]
+        tails = torch.tensor([t for p in proposals for t in p], dtype=torch.int64, device=device).split(counts)
         hidden, state = runner.prefill([rows[i] for i in order], heads, tails, keep=width + 1, state=state,
                                        history=history, draft=True)         # [A, 1 + D, H]
         logits = runner.head.logits(hidden)                                  # [A, 1 + D, V]: the verified rows
-        accepted, token = verify(logits, drafts, lengths, sampling, generator, runner.vocab_size)
-        runner.counters.accepted_tokens += int(accepted.sum())
+        accepted, token = verify(logits, drafts, torch.tensor(counts, device=device), sampling, generator,
+                                 runner.vocab_size)
         _record(runner, trace, alive, hidden, logits, drafts, accepted, token, capture)
         del logits
-        for i, p, a, t in zip(order, proposals, accepted.tolist(), token.tolist()):
+        taken, drawn = accepted.tolist(), token.tolist()
+        runner.counters.accepted_tokens += sum(taken)
+        for i, p, a, t in zip(order, proposals, taken, drawn):
             drafter.advance(i, p[:a] + [t], a)
         going = (token != runner.eos_id) & (trace.lengths[alive] < budget[alive])
         keep = going.nonzero()[:, 0]
         if len(keep):
-            state = _drop_rejected(state, accepted, width, keep)
-            history = [torch.cat([history[i], heads[i], tails[i][:int(accepted[i])]]) for i in keep.tolist()]
-            heads = [token[i:i + 1] for i in keep.tolist()]
+            kept = keep.tolist()
+            state = _drop_rejected(state, accepted, width, keep, longest=max(taken[i] for i in kept))
+            history = [history[i] + fed_heads[i] + proposals[i][:taken[i]] for i in kept]
+            fed_heads = [[drawn[i]] for i in kept]
+            heads = list(token[keep].view(-1, 1).unbind(0))
         alive = alive[keep]
         bar.update(1)
     bar.close()
@@ -186,19 +192,24 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
 
 def _record(runner: Runner, trace: Trace, alive: Tensor, hidden: Tensor, logits: Tensor, drafts: Tensor,
             accepted: Tensor, token: Tensor, capture: bool) -> None:
-    """Each alive row's accepted draft tokens, then its own token, into the trace with their slots' hidden states
-    [A, 1 + D, H] and logits [A, 1 + D, V]."""
-    for j in range(int(accepted.max()) + 1):
-        at = (accepted >= j).nonzero()[:, 0]
-        drawn = token[at] if j == drafts.shape[1] else torch.where(accepted[at] > j, drafts[at, j], token[at])
-        runner.record(trace, alive[at], drawn, hidden[at, j], logits[at, j], capture=capture)
+    """Each alive row's accepted draft tokens, then its own token, into the trace with what the capture keeps of
+    their slots (hidden states [A, 1 + D, H], logits [A, 1 + D, V])."""
+    slots = torch.arange(logits.shape[1], device=logits.device)                        # [1 + D]
+    padded = torch.cat([drafts, token[:, None]], dim=1)                                 # [A, 1 + D]
+    tokens = torch.where(slots < accepted[:, None], padded, token[:, None])             # [A, 1 + D]
+    kept = None
+    if capture:
+        flat = runner.capture.parts(hidden.flatten(0, 1), logits.flatten(0, 1), runner.head)
+        kept = tuple(part.view(*tokens.shape, *part.shape[1:]) for part in flat)     # [A, 1 + D, *] each
+    trace.add_runs(alive, tokens, trd_fast.token_logprobs(logits, tokens), kept, accepted + 1, runner.eos_id)
 
 
-def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, keep: Tensor) -> CachedBatch:
+def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, keep: Tensor, *,
+                   longest: int) -> CachedBatch:
     """The batch of rows `keep` with the rejected draft slots of the last forward (its last `width` columns)
-    masked out, cut back to the longest kept block."""
+    masked out, cut back to the longest kept block (`longest`: the most draft tokens a kept row accepted)."""
     start = state.mask.shape[1] - width
     kept = torch.arange(width, device=accepted.device) < accepted[:, None]                # [A, D]
     mask = torch.cat([state.mask[:, :start], state.mask[:, start:] & kept], dim=1)
-    cut = CachedBatch(state.cache, mask).crop(start + int(accepted[keep].max()))
+    cut = CachedBatch(state.cache, mask).crop(start + longest)
     return cut if len(keep) == len(accepted) else cut.select(keep)

@@ -141,10 +141,10 @@ class Runner:
         return hidden
 
     def prefill(self, rows: Sequence[int], heads: Sequence[Tensor], tails: Sequence[Tensor] | None = None, *,
-                keep: int, state: CachedBatch | None = None, history: Sequence[Tensor] | None = None,
+                keep: int, state: CachedBatch | None = None, history: Sequence[list[int]] | None = None,
                 use_cache: bool = True, draft: bool = False) -> tuple[Tensor, CachedBatch | None]:
         """One forward feeding row b heads[b] + tails[b] after what `state` caches for it (`history[b]`: those
-        tokens, for the ledger). Heads are right-aligned (left padding) and tails left-aligned after them (right
+        token ids, for the ledger). Heads are right-aligned (left padding) and tails left-aligned after them (right
         padding), so tail positions line up across rows: with H the longest head, slot H - 1 + j predicts tail
         token j of every row. Returns the final hidden states of the last `keep` slots [B, keep, H] (the model's
         dtype; self.head.logits gives their logits) and the batch with the new tokens cached (None without
@@ -169,7 +169,7 @@ class Runner:
                             **{CACHE_KEYWORD: cache}, use_cache=use_cache)
         if use_cache:
             check_filled(cache, mask.shape[1], self.name)
-        history = [p.tolist() for p in history] if history is not None else [[] for _ in heads]
+        history = history if history is not None else [[] for _ in heads]
         fed_ids = ids.tolist()
         sequences = [p + row[head_width - h:head_width + t]
                      for p, row, h, t in zip(history, fed_ids, head_lengths, tail_lengths)]

@@ -31,12 +31,14 @@ class CachedBatch:
 
     def select(self, rows: Tensor) -> CachedBatch:
         """A new batch of the given rows [R] (a copy, so this batch can be dropped)."""
-        return CachedBatch(DynamicCache([(k[rows], v[rows]) for k, v in _layers(self.cache)]), self.mask[rows])
+        return CachedBatch(holding([(k[rows], v[rows]) for k, v in _layers(self.cache)]), self.mask[rows])
 
     def crop(self, slots: int) -> CachedBatch:
-        """The batch cut to its first `slots` slots (views of this batch's keys and values, no copy)."""
-        return CachedBatch(DynamicCache([(k[:, :, :slots], v[:, :, :slots]) for k, v in _layers(self.cache)]),
-                           self.mask[:, :slots])
+        """The batch cut to its first `slots` slots. The cache is cut in place (each layer keeps a view of its
+        first slots; the next forward's append copies them as it would anyway), so this batch is cut with it."""
+        for layer in check_full_attention(self.cache, "KV cache").layers:
+            layer.keys, layer.values = layer.keys[:, :, :slots], layer.values[:, :, :slots]
+        return CachedBatch(self.cache, self.mask[:, :slots])
 
 
 def realign(parts: Sequence[tuple[CachedBatch, int, int]]) -> CachedBatch:
@@ -70,7 +72,7 @@ def realign(parts: Sequence[tuple[CachedBatch, int, int]]) -> CachedBatch:
             picked = stacked[rows, :, index].transpose(1, 2)                      # [R, H, W, D]
             kv.append(torch.where(valid[:, None, :, None], picked, 0))
         gathered.append(tuple(kv))
-    return CachedBatch(DynamicCache(gathered), valid)
+    return CachedBatch(holding(gathered), valid)
 
 
 def check_filled(cache: DynamicCache, slots: int, who: str) -> None:
@@ -81,6 +83,15 @@ def check_filled(cache: DynamicCache, slots: int, who: str) -> None:
         raise RuntimeError(f"{who}: the model did not fill the KV cache passed as {CACHE_KEYWORD}= ({held} positions "
                            f"cached, {slots} expected) under transformers {transformers.__version__}; "
                            f"see trd_fast.dependencies for the supported versions")
+
+
+def holding(layers: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
+    """A cache whose layers hold the given keys and values [B, H, S, D] themselves (built from empty slices and
+    then set, so the tensors are not copied once more on the way in)."""
+    cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])
+    for layer, (k, v) in zip(cache.layers, layers):
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def check_full_attention(cache: DynamicCache, who: str) -> DynamicCache:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 class Trace:
-    """Each add appends one token to each row it names, at that row's own next position: rows may advance by
+    """Each add appends tokens to the rows it names, at each row's own next positions: rows may advance by
     different amounts per forward (draft verification) and join or leave at any point."""
 
     def __init__(self, rows: int, device: torch.device):
@@ -18,10 +18,22 @@ class Trace:
     def add(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, kept: tuple[Tensor, ...] | None,
             eos_id: int) -> None:
         """Rows [A] (distinct) drew tokens [A] with log-probs [A]; `kept`: what the capture keeps of their
-        positions (rollout/capture.py; tensors [A, *] each), or None."""
-        self._adds.append((rows, self.lengths[rows], tokens, logprobs, kept))
+        positions (rollout/capture.py; tensors [A, *] each), or None. The tensors are kept as they are: no
+        host sync and no copy per decoded token."""
+        self._adds.append((rows, self.lengths[rows], tokens, logprobs, kept))  # the index makes positions a copy
         self.lengths[rows] += 1
         self.finished[rows] = tokens == eos_id
+
+    def add_runs(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, kept: tuple[Tensor, ...] | None,
+                 counts: Tensor, eos_id: int) -> None:
+        """Rows [A] (distinct) drew runs of tokens: row i its first counts[i] >= 1 of tokens [A, W], with
+        log-probs [A, W]; `kept`: what the capture keeps of their positions (tensors [A, W, *] each), or None."""
+        at = (torch.arange(tokens.shape[1], device=tokens.device) < counts[:, None]).nonzero()  # [N, 2] (i, j)
+        i, j = at[:, 0], at[:, 1]
+        self._adds.append((rows[i], self.lengths[rows][i] + j, tokens[i, j], logprobs[i, j],
+                           None if kept is None else tuple(part[i, j] for part in kept)))
+        self.lengths[rows] += counts
+        self.finished[rows] = tokens.gather(1, (counts - 1)[:, None])[:, 0] == eos_id
 
     @property
     def width(self) -> int:

@@ -80,7 +80,7 @@ class DistillConfig:
                                        # failure point; 0: one pass over all of y_o
     prefix_weight: float = 1.0         # trd_splice: loss weight of y_r tokens kept from y_o
     suffix_weight: float = 1.0         # trd_splice: loss weight of the teacher's continuation
-    draft_tokens: int = 16             # trd, trd_splice: y_o tokens the teacher verifies as a draft per forward
+    draft_tokens: int = 3              # trd, trd_splice: y_o tokens the teacher verifies as a draft per forward
                                        # (exactly the same output, fewer forwards); 0: plain decoding
     draft_match: int = 3               # generated tokens matched in y_o to re-align the draft after a mismatch
     epistemic_tokens: tuple[str, ...] = ("Wait", "Actually")  # words whose teacher probability mass is logged
@@ -148,6 +148,7 @@ class Bounds:
         return f"must be in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
+FP32_MAX = torch.finfo(torch.float32).max
 ANY, POSITIVE, AT_LEAST_0, AT_LEAST_1, UNIT = Bounds(), Bounds(0, low_open=True), Bounds(0), Bounds(1), Bounds(0, 1)
 
 # Every numeric field of every section ("section.key"); a field missing here fails every config's validation.
@@ -176,7 +177,7 @@ NUMERIC_BOUNDS = {
     "optim.steps": AT_LEAST_0,
     "optim.batch_size": AT_LEAST_1,
     "optim.micro_batches": AT_LEAST_1,            # and at most batch_size
-    "optim.lr": POSITIVE,
+    "optim.lr": Bounds(0, 1, low_open=True),   # AdamW's step is about lr per weight: above 1 it diverges
     "optim.weight_decay": AT_LEAST_0,
     "optim.warmup_steps": AT_LEAST_0,
     "optim.min_lr_ratio": UNIT,
@@ -204,6 +205,8 @@ def _validate(c: TrainConfig) -> None:
             value, key = getattr(values, f.name), f"{section.name}.{f.name}"
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 need(math.isfinite(value), key, f"must be finite, got {value}")
+                need(not isinstance(value, float) or abs(value) <= FP32_MAX, key,  # the optimizer and kernels use fp32
+                     f"must be within fp32's range (|x| <= {FP32_MAX:.4g}), got {value}")
                 need(NUMERIC_BOUNDS[key].holds(value), key, f"{NUMERIC_BOUNDS[key]}, got {value}")
     d, o = c.distill, c.optim
     need(d.mode in MODES, "distill.mode", f"expected one of {MODES}, got {d.mode!r}")

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from trd_fast.text_files import read_utf8
+from trd_fast.trainer.rollout.counters import TokenCounters
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
@@ -59,8 +60,8 @@ def merge_records(records: list[dict]) -> dict:
     if "trained_tokens_per_s" in merged:
         merged["trained_tokens_per_s"] = merged["trained_tokens"] / merged["step_s"]
     if "teacher_acceptance" in merged:
-        drafted = merged["teacher_draft_tokens"]
-        merged["teacher_acceptance"] = merged["teacher_accepted_tokens"] / drafted if drafted else math.nan
+        merged["teacher_acceptance"] = TokenCounters(draft_tokens=merged["teacher_draft_tokens"],
+                                                     accepted_tokens=merged["teacher_accepted_tokens"]).acceptance
     return merged
 
 

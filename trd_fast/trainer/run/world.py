@@ -60,6 +60,18 @@ class World:
             dist.barrier()
 
 
+def check_batch_split(batch_size: int, micro_batches: int, processes: int) -> None:
+    """ValueError naming the config key when `batch_size` prompts do not split evenly over `processes` ranks, or
+    leave a rank fewer rows than `micro_batches`."""
+    if batch_size % processes:
+        raise ValueError(f"config optim.batch_size: {batch_size} prompts must split evenly over {processes} "
+                         f"processes")
+    if batch_size // processes < micro_batches:
+        raise ValueError(f"config optim.micro_batches: {micro_batches} micro-batches need at least as many rows per "
+                         f"process, and {batch_size} prompts over {processes} processes give "
+                         f"{batch_size // processes}")
+
+
 def launched() -> bool:
     """This process was started by torchrun (or another launcher setting its variables)."""
     return all(name in os.environ for name in LAUNCHER_VARIABLES)
@@ -106,9 +118,7 @@ def run_world(device: str, *, batch_size: int, micro_batches: int, timeout_s: fl
         yield World(rank=0, size=1, device=torch.device(device), distributed=False)
         return
     size = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
-    if batch_size % size or batch_size // size < micro_batches:
-        raise ValueError(f"config optim.batch_size: {batch_size} prompts must split evenly over {size} processes, "
-                         f"at least optim.micro_batches={micro_batches} rows each")
+    check_batch_split(batch_size, micro_batches, size)
     target = rank_device(device)
     owned = not dist.is_initialized()
     if owned:
