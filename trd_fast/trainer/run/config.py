@@ -107,8 +107,10 @@ class RunConfig:
     resume: bool = True                # continue from output_dir/checkpoint.pt when it exists
     progress: bool = True              # tqdm bars for steps and rollouts
     save_student: bool = True          # save the trained student with save_pretrained at the end
-    memory_budget_mb: float = 1024.0   # MiB of logit blocks the engine forms from hidden states at once (scoring
-                                       # signals, top-k targets, metrics) and of each micro-batch's activations
+    memory_budget_mb: float = 1024.0   # MiB the engine may hold at once in each part of a step: the rollout and
+                                       # refinement of a row block (KV caches, logits rows; estimated per row),
+                                       # logit blocks formed from hidden states (scoring signals, top-k targets,
+                                       # metrics) and each micro-batch's activations; raise it on a large GPU
     collective_timeout_s: float = 600.0  # under torchrun: a rank waiting this long in a collective fails the run
 
 
