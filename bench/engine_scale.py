@@ -113,7 +113,7 @@ def cpu_seconds() -> float:
 
 
 def resident_bytes() -> int:
-    with open("/proc/self/status") as status:
+    with open("/proc/self/status", encoding="utf-8") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
@@ -125,7 +125,7 @@ def run_child(models: dict, mode: str, size: tuple[int, int], code: Path | None)
         command = [sys.executable, __file__, "--child", json.dumps([models["student"], models["teacher"], mode,
                                                                        *size, out])]
         load = os.getloadavg()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, encoding="utf-8")
     if done.returncode != 0:
         raise RuntimeError(f"{mode} {size} ({code or 'this code'}) failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -153,7 +153,7 @@ def main() -> None:
                                         "full": [FULL]}[args.size]
     path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / \
         "engine-scale-cpu.json"
-    rows = [r for r in json.loads(path.read_text())["rows"] if (r["prompts"], r["max_new_tokens"]) not in sizes] \
+    rows = [r for r in json.loads(path.read_text(encoding="utf-8"))["rows"] if (r["prompts"], r["max_new_tokens"]) not in sizes] \
         if path.is_file() and not args.smoke else []
     with tempfile.TemporaryDirectory() as root:
         models = make_models(Path(root))
