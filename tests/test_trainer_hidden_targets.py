@@ -162,7 +162,7 @@ def test_no_step_tensor_grows_with_rows_times_vocabulary(pairs, tmp_path, mode):
         _, batch = batch_of(config, task, engine, 8, seed=1)
         train_on(engine.student_model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
                  teacher_head=engine.teacher_head,
-                 budget_bytes=int(config.run.memory_budget_mb * 2**20))
+                 budget_bytes=config.budget_bytes)
     positions = sum(len(y) for y in batch.completions)
     assert positions > 100
     offenders = [(func, shape) for func, shape in seen.shapes
@@ -228,21 +228,25 @@ def test_a_small_budget_splits_the_step_without_changing_it(pairs, tmp_path, mon
     lengths = [len(x) + len(y) for x, y in zip(batch.contexts, batch.completions)]
     assert step.pieces(lengths, 1, 10**9) == [(0, 4)] and step.pieces(lengths, 2, 10**9) == [(0, 2), (2, 4)]
     assert step.pieces(lengths, 1, 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert step.pieces(lengths, 1, 10**9, at_least=3) == [(0, 1), (1, 2), (2, 4)]  # as many as another rank's
+    with pytest.raises(ValueError, match="4 rows cannot make 5 pieces"):
+        step.pieces(lengths, 1, 10**9, at_least=5)
     results, grads, forwards = [], [], []
     real = step.packed_hidden
     monkeypatch.setattr(step, "packed_hidden", lambda *a: forwards.append(1) or real(*a))
-    for budget in (1 << 30, step.activation_bytes(model) * (max(lengths) + 1)):  # everything / one row a piece
+    one_row = step.activation_bytes(model) * (max(lengths) + 1)
+    for budget, agree, expected in ((1 << 30, int, 1), (one_row, int, 4), (1 << 30, lambda n: 3, 3)):
         model.zero_grad(set_to_none=True)
         forwards.clear()
         results.append(train_on(model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
-                                teacher_head=engine.teacher_head,
-                                budget_bytes=budget))
+                                teacher_head=engine.teacher_head, budget_bytes=budget, agree=agree))
         grads.append(gradients(model))
-        assert len(forwards) == (1 if budget == 1 << 30 else 4)
-    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
-    assert results[0].entropy == pytest.approx(results[1].entropy, rel=1e-6)
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+        assert len(forwards) == expected
+    for result, grad in zip(results[1:], grads[1:]):
+        assert result.loss == pytest.approx(results[0].loss, rel=1e-6)
+        assert result.entropy == pytest.approx(results[0].entropy, rel=1e-6)
+        for name in grads[0]:
+            torch.testing.assert_close(grad[name], grads[0][name], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -261,7 +265,7 @@ def test_rollout_and_refinement_in_row_blocks_give_the_batch_of_one_block(pairs,
         examples = list(task.examples("train", 6, 0))
         request = BatchRequest(config, task, Tokenize(engine.tokenizer), engine.student, engine.teacher,
                                torch.Generator().manual_seed(4), examples, list(range(6)))
-        assert len(blocks.row_blocks(request)) == (1 if budget > 1 else 6)
+        assert len(blocks.split_rows(request)) == (1 if budget > 1 else 6)
         batches.append(build_batch(request)[0])
     whole, split = batches
     assert [y.tolist() for y in whole.completions] == [y.tolist() for y in split.completions]

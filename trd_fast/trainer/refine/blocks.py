@@ -50,10 +50,10 @@ def row_bytes(request: BatchRequest) -> int:
     return CACHE_COPIES * max(student, teacher) + logits
 
 
-def row_blocks(request: BatchRequest) -> list[BatchRequest]:
+def split_rows(request: BatchRequest) -> list[BatchRequest]:
     """The request split into consecutive row blocks of at most budget / row_bytes rows each (at least one)."""
     rows = len(request.examples)
-    budget = request.config.run.memory_budget_mb * 2**20
+    budget = request.config.budget_bytes
     size = max(1, min(rows, math.floor(budget / row_bytes(request))))
     return [dataclasses.replace(request, examples=request.examples[lo:lo + size],
                                 row_ids=request.row_ids[lo:lo + size]) for lo in range(0, rows, size)]

@@ -46,9 +46,10 @@ def splice_stats(result: Splice) -> dict[str, float]:
 
 def combine_stats(parts: list[dict[str, float]], rows: list[int]) -> dict[str, float]:
     """The statistics of all rows from those of row groups (rows[i]: group i's rows): teacher_scored_tokens
-    added up, splice_position averaged over the groups' failed rows, every other statistic over their rows."""
+    added up, splice_position averaged over the groups' failed rows, every other statistic over their rows; a
+    statistic some group lacks (accuracies, where a row cannot be verified) is left out, as for one group."""
     out = {}
-    for key in parts[0]:
+    for key in [k for k in parts[0] if all(k in p for p in parts)]:
         values = [p[key] for p in parts]
         if key == "teacher_scored_tokens":
             out[key] = sum(values)
