@@ -113,11 +113,14 @@ def cpu_seconds() -> float:
 
 
 def resident_bytes() -> int:
-    with open("/proc/self/status") as status:
+    """This process's resident memory now (VmRSS), bytes."""
+    with open("/proc/self/status", encoding="utf-8") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def run_child(models: dict, mode: str, size: tuple[int, int], code: Path | None) -> dict:
+    """One step of `mode` at `size` (prompts, max_new_tokens) in a fresh process (`code`: a checkout whose engine
+    runs instead of this one), as a result row."""
     env = {**os.environ, "TRD_FAST_NO_TRITON": "1"}
     if code is not None:
         env["PYTHONPATH"] = f"{code}{os.pathsep}{env.get('PYTHONPATH', '')}"
@@ -125,7 +128,7 @@ def run_child(models: dict, mode: str, size: tuple[int, int], code: Path | None)
         command = [sys.executable, __file__, "--child", json.dumps([models["student"], models["teacher"], mode,
                                                                        *size, out])]
         load = os.getloadavg()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, encoding="utf-8")
     if done.returncode != 0:
         raise RuntimeError(f"{mode} {size} ({code or 'this code'}) failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -153,8 +156,8 @@ def main() -> None:
                                         "full": [FULL]}[args.size]
     path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / \
         "engine-scale-cpu.json"
-    rows = [r for r in json.loads(path.read_text())["rows"] if (r["prompts"], r["max_new_tokens"]) not in sizes] \
-        if path.is_file() and not args.smoke else []
+    kept = json.loads(path.read_text(encoding="utf-8"))["rows"] if path.is_file() and not args.smoke else []
+    rows = [r for r in kept if (r["prompts"], r["max_new_tokens"]) not in sizes]
     with tempfile.TemporaryDirectory() as root:
         models = make_models(Path(root))
         for size in sizes:
@@ -179,6 +182,7 @@ def main() -> None:
 
 
 def summary(row: dict) -> str:
+    """One result row as a line of the printed table."""
     return (f"{row['code']:<22} {row['mode']:<10} {row['prompts']:>2} x {row['max_new_tokens']:<3} "
             f"peak RSS {row['peak_rss_bytes'] / GIB:.2f} GiB (before the step {row['rss_before_step_bytes'] / GIB:.2f})"
             f" targets {row['teacher_target_bytes'] / 2**20:.1f} MiB ({row['teacher_target_kind']}) "

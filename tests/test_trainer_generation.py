@@ -1,6 +1,7 @@
 """Runner.generate / Runner.score / splice on tiny random Llama and Qwen3 models: captured hidden states give
 the logits of fresh forwards (padding, positions and KV reuse are exact), EOS stopping, determinism, the
-re-scoring ledger, and TRD-splice's failure points, refined rows, targets and token counts, in one pass and in chunks."""
+re-scoring ledger, and TRD-splice's failure points, refined rows, targets and token counts, in one pass and in
+chunks."""
 
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def test_no_step_tensor_grows_with_rows_times_vocabulary(pairs, tmp_path, mode):
         _, batch = batch_of(config, task, engine, 8, seed=1)
         train_on(engine.student_model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
                  teacher_head=engine.teacher_head,
-                 budget_bytes=int(config.run.memory_budget_mb * 2**20))
+                 budget_bytes=config.budget_bytes)
     positions = sum(len(y) for y in batch.completions)
     assert positions > 100
     offenders = [(func, shape) for func, shape in seen.shapes
@@ -228,18 +228,66 @@ def test_a_small_budget_splits_the_step_without_changing_it(pairs, tmp_path, mon
     lengths = [len(x) + len(y) for x, y in zip(batch.contexts, batch.completions)]
     assert step.pieces(lengths, 1, 10**9) == [(0, 4)] and step.pieces(lengths, 2, 10**9) == [(0, 2), (2, 4)]
     assert step.pieces(lengths, 1, 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert step.pieces(lengths, 1, 10**9, at_least=3) == [(0, 1), (1, 2), (2, 4)]  # as many as another rank's
+    with pytest.raises(ValueError, match="4 rows cannot make 5 pieces"):
+        step.pieces(lengths, 1, 10**9, at_least=5)
     results, grads, forwards = [], [], []
     real = step.packed_hidden
     monkeypatch.setattr(step, "packed_hidden", lambda *a: forwards.append(1) or real(*a))
-    for budget in (1 << 30, step.activation_bytes(model) * (max(lengths) + 1)):  # everything / one row a piece
+    one_row = step.activation_bytes(model) * (max(lengths) + 1)
+    for budget, agree, expected in ((1 << 30, int, 1), (one_row, int, 4), (1 << 30, lambda n: 3, 3)):
         model.zero_grad(set_to_none=True)
         forwards.clear()
         results.append(train_on(model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
-                                teacher_head=engine.teacher_head,
-                                budget_bytes=budget))
+                                teacher_head=engine.teacher_head, budget_bytes=budget, agree=agree))
         grads.append(gradients(model))
-        assert len(forwards) == (1 if budget == 1 << 30 else 4)
-    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
-    assert results[0].entropy == pytest.approx(results[1].entropy, rel=1e-6)
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+        assert len(forwards) == expected
+    for result, grad in zip(results[1:], grads[1:]):
+        assert result.loss == pytest.approx(results[0].loss, rel=1e-6)
+        assert result.entropy == pytest.approx(results[0].entropy, rel=1e-6)
+        for name in grads[0]:
+            torch.testing.assert_close(grad[name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rollout_and_refinement_in_row_blocks_give_the_batch_of_one_block(pairs, tmp_path, mode):
+    """A greedy student and teacher: the batch built one row per block (a budget smaller than a row) is the batch
+    built whole, up to the rounding of a differently padded forward; the statistics are over all rows."""
+    from trd_fast.trainer.refine import blocks
+
+    batches = []
+    for budget in (1024.0, 1e-3):
+        config = make_config(pairs, tmp_path, rollout={"temperature": 0.0, "max_new_tokens": 8},
+                             distill={"mode": mode, "splice_signal": "nll", "splice_threshold": 4.0},
+                             optim={"batch_size": 6}, run={"memory_budget_mb": budget})
+        task = JsonlTask(config.data)
+        engine = build_engine(config)
+        examples = list(task.examples("train", 6, 0))
+        request = BatchRequest(config, task, Tokenize(engine.tokenizer), engine.student, engine.teacher,
+                               torch.Generator().manual_seed(4), examples, list(range(6)))
+        assert len(blocks.split_rows(request)) == (1 if budget > 1 else 6)
+        batches.append(build_batch(request)[0])
+    whole, split = batches
+    assert [y.tolist() for y in whole.completions] == [y.tolist() for y in split.completions]
+    assert [y.tolist() for y in whole.originals] == [y.tolist() for y in split.originals]
+    for a, b in zip(whole.targets, split.targets):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    if mode == "trd_splice":
+        assert torch.equal(whole.cut, split.cut)
+    assert whole.stats.keys() == split.stats.keys()
+    for key, value in whole.stats.items():
+        assert split.stats[key] == pytest.approx(value, rel=1e-6, nan_ok=True), key  # fp32 means
+
+
+def test_combined_statistics_are_those_of_all_rows():
+    from trd_fast.trainer.refine.stats import combine_stats
+
+    parts = [{"y_o_len": 4.0, "failure_rate": 0.5, "splice_position": 3.0, "teacher_scored_tokens": 10.0},
+             {"y_o_len": 10.0, "failure_rate": 0.0, "splice_position": float("nan"), "teacher_scored_tokens": 5.0},
+             {"y_o_len": 1.0, "failure_rate": 1.0, "splice_position": 6.0, "teacher_scored_tokens": 1.0}]
+    # rows: 2 (one failed, at 3), 1 (none failed), 3 (all failed, mean 6)
+    out = combine_stats(parts, [2, 1, 3])
+    assert out["y_o_len"] == pytest.approx((4 * 2 + 10 + 3) / 6)
+    assert out["failure_rate"] == pytest.approx(4 / 6)
+    assert out["splice_position"] == pytest.approx((3 + 6 * 3) / 4)
+    assert out["teacher_scored_tokens"] == 16.0

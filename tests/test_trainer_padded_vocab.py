@@ -93,7 +93,8 @@ def test_step_metrics_use_the_loss_support(root, padded, loss, sparse):
     d = DistillConfig(mode="opd", opd_loss=loss, loss_top_k=5, teacher_top_k=7,
                       teacher_targets="top_k" if sparse else "hidden")
     logits = student_logits(student, batch)
-    result = train_on(student, batch, d, micro_batches=2, epistemic_ids=EPISTEMIC, teacher_head=teacher_head, budget_bytes=4096)  # a few rows per logit block
+    result = train_on(student, batch, d, micro_batches=2, epistemic_ids=EPISTEMIC, teacher_head=teacher_head,
+                      budget_bytes=4096)  # a few rows per logit block
     assert result.sparse_targets is sparse
     top_k = 7 if sparse else (5 if loss == "top_k_reverse_kl" else None)
     entropy, mass = expected_stats(logits, teacher_head.logits(torch.cat(dense_targets)), top_k=top_k)

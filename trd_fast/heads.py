@@ -77,17 +77,28 @@ def lm_head(model, name: str = "model") -> LMHead:
                   None if softcap is None else _number(name, SOFTCAP, softcap))
 
 
-def final_hidden_states(model, inputs: dict, wrapper=None) -> torch.Tensor:
-    """[B, T, H]: a causal LM's hidden states after its final norm, the input of its LM head; no logits formed.
+def decoder_output(model, inputs: dict, wrapper=None):
+    """The output of a causal LM's backbone (get_decoder()) in a forward of the model's own (or its wrapper's)
+    forward with the LM head on no position (logits_to_keep: an empty index): its last_hidden_state [B, T, H]
+    are the final hidden states (after the final norm), and its cache the KV cache when one is used.
 
-    model: the (unwrapped) causal LM, run through its backbone, get_decoder(). wrapper: the module `model` is
-    trained in (DDP, FSDP, DeepSpeed; None or `model` itself: none): its forward runs instead, so its hooks see
-    the step, keeping no logit position (logits_to_keep) and returning the hidden states.
-    """
-    if wrapper is None or wrapper is model:
-        return model.get_decoder()(**inputs).last_hidden_state
+    model: the causal LM (or a module that passes get_decoder() through to it, such as a peft model, whose own
+    forward applies its adapter settings). wrapper: the module `model` is trained in (DDP, FSDP, DeepSpeed; None:
+    none); its forward runs instead, so its hooks see the step."""
+    seen = {}
+    hook = model.get_decoder().register_forward_hook(lambda module, args, output: seen.setdefault("out", output))
     no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-    return wrapper(**inputs, logits_to_keep=no_position, output_hidden_states=True).hidden_states[-1]
+    try:
+        (wrapper or model)(**inputs, logits_to_keep=no_position)
+    finally:
+        hook.remove()
+    return seen["out"]
+
+
+def final_hidden_states(model, inputs: dict, wrapper=None) -> torch.Tensor:
+    """[B, T, H]: a causal LM's hidden states after its final norm, the input of its LM head; no logits formed
+    (decoder_output)."""
+    return decoder_output(model, inputs, wrapper).last_hidden_state
 
 
 def check_lm_head(model, head: LMHead, inputs: dict, name: str = "model", remedy: str = "") -> None:

@@ -145,7 +145,7 @@ def _continue(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], scorin
     scored = scoring.scored[fails]                                    # [F]
     last = torch.zeros(len(fails), dtype=torch.int64, device=device)  # [F] the token each row drew last
     replaying, needs = torch.arange(len(fails), device=device), []
-    while len(replaying):   # draw from the scoring logits while the teacher agrees with y_o
+    while len(replaying):   # draw from the scoring hidden states while the teacher agrees with y_o
         at = position[replaying]
         hidden = torch.stack([scoring.hidden[fails[i]][p] for i, p in zip(replaying.tolist(), at.tolist())])
         drawn = teacher.draw(trace, replaying, hidden, sampling, generator, capture=True)

@@ -26,7 +26,7 @@ def splice_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
     student = student_rollout(request, capture=d.splice_signal == "divergence")
     start = time.perf_counter()
     signal = splice_signal(d.splice_signal, student.rollout, request.student, request.teacher,
-                           request.config.run.memory_budget_mb * 2**20)
+                           request.config.budget_bytes)
     result = splice(request.teacher, request.teacher_contexts(), student.rollout, signal, threshold=d.splice_threshold,
                     window=d.splice_window, chunk=d.splice_chunk or None, sampling=request.teacher_sampling(),
                     generator=request.generator, row_ids=request.row_ids, progress=request.progress("splice"),
@@ -42,7 +42,7 @@ def splice_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
     return Batch(student.contexts, result.tokens, result.targets, weights, student.y_o, result.cut, stats), times
 
 
-def splice_signal(kind: str, rollout: Rollout, student: Runner, teacher: Runner, budget_bytes: float) -> SignalFn:
+def splice_signal(kind: str, rollout: Rollout, student: Runner, teacher: Runner, budget_bytes: int) -> SignalFn:
     """The per-token failure signal on y_o from the teacher's scoring hidden states of positions [start, stop):
     "nll" -log q(y), "log_ratio" log p(y) - log q(y), "divergence" the per-token reverse KL(p || q) (from the
     student's hidden states, which the rollout then keeps). Logits exist one row block at a time: blocks of at
@@ -61,7 +61,7 @@ def splice_signal(kind: str, rollout: Rollout, student: Runner, teacher: Runner,
         flat = tokens.reshape(-1)
         teacher_logp = map_logits(teacher.head, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
                                   lambda logits, rows: trd_fast.token_logprobs(logits, flat[rows]),
-                                  int(budget_bytes)).view(tokens.shape)
+                                  budget_bytes).view(tokens.shape)
         if kind == "nll":
             return -teacher_logp
         return rollout.logprobs[:, start:stop].to(teacher_logp.device) - teacher_logp

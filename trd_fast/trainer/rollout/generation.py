@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import trd_fast
-from trd_fast.heads import LMHead, lm_head
+from trd_fast.heads import LMHead, decoder_output, lm_head
 from trd_fast.trainer.rollout.capture import Capture, Target
 from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
 from trd_fast.trainer.rollout.draft import Drafter, verify_decode
@@ -229,13 +229,7 @@ class Runner:
     def backbone(self, **inputs):
         """The model's own forward (so a wrapper's hooks, FSDP's root first, see it) with its head on no position;
         returns its decoder's output, whose last_hidden_state [B, W, H] are the final hidden states."""
-        out = {}
-        hook = self.model.get_decoder().register_forward_hook(lambda module, args, output: out.setdefault("o", output))
-        try:
-            self.model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.int64, device=self.device))
-        finally:
-            hook.remove()
-        return out["o"]
+        return decoder_output(self.model, inputs)
 
     def draw(self, trace: Trace, rows: Tensor, hidden: Tensor, sampling: SamplingConfig,
              generator: torch.Generator, *, capture: bool) -> Tensor:

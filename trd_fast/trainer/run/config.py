@@ -98,6 +98,10 @@ class OptimConfig:
     max_grad_norm: float = 1.0         # gradient clipping; 0 disables it
 
 
+CPU_BUDGET_MB = 1024    # run.memory_budget_mb's default on CPU
+GPU_BUDGET_SHARE = 8    # ... and on a GPU: this fraction of its memory
+
+
 @dataclass(frozen=True)
 class RunConfig:
     output_dir: str = "runs/trd"       # config, metrics.jsonl, checkpoint.pt, curves.png and the final student
@@ -107,8 +111,11 @@ class RunConfig:
     resume: bool = True                # continue from output_dir/checkpoint.pt when it exists
     progress: bool = True              # tqdm bars for steps and rollouts
     save_student: bool = True          # save the trained student with save_pretrained at the end
-    memory_budget_mb: float = 1024.0   # MiB of logit blocks the engine forms from hidden states at once (scoring
-                                       # signals, top-k targets, metrics) and of each micro-batch's activations
+    memory_budget_mb: float = 0.0      # MiB the engine may hold at once in each part of a step: the rollout and
+                                       # refinement of a row block (KV caches, logits rows; estimated per row),
+                                       # logit blocks formed from hidden states (scoring signals, top-k targets,
+                                       # metrics) and each micro-batch's activations; 0: CPU_BUDGET_MB on CPU,
+                                       # 1/GPU_BUDGET_SHARE of the device's memory on a GPU
     collective_timeout_s: float = 600.0  # under torchrun: a rank waiting this long in a collective fails the run
 
 
@@ -126,6 +133,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def budget_bytes(self) -> int:
+        """run.memory_budget_mb in bytes, or its default for model.device when 0."""
+        if self.run.memory_budget_mb > 0:
+            return int(self.run.memory_budget_mb * 2**20)
+        device = torch.device(self.model.device)
+        if device.type == "cpu":
+            return CPU_BUDGET_MB * 2**20
+        return torch.get_device_module(device.type).get_device_properties(device).total_memory // GPU_BUDGET_SHARE
 
 
 @dataclass(frozen=True)
@@ -185,7 +202,7 @@ NUMERIC_BOUNDS = {
     "run.seed": Bounds(0, 2**32, high_open=True),  # seeds torch generators, numpy and the data order
     "run.checkpoint_every": AT_LEAST_0,
     "run.eval_every": AT_LEAST_0,
-    "run.memory_budget_mb": POSITIVE,
+    "run.memory_budget_mb": AT_LEAST_0,
     "run.collective_timeout_s": POSITIVE,
 }
 

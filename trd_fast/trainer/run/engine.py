@@ -67,7 +67,7 @@ def build_engine(config: TrainConfig) -> Engine:
     else:
         teacher.requires_grad_(False)
     student_runner = Runner.with_tokenizer(student, tokenizer, name="student")
-    d, budget = config.distill, int(config.run.memory_budget_mb * 2**20)
+    d, budget = config.distill, config.budget_bytes
     capture = Capture(top_k=d.teacher_top_k if d.teacher_targets == "top_k" else 0,
                       columns=student_runner.head.weight.shape[0], budget_bytes=budget)
     teacher_runner = Runner.with_tokenizer(teacher, tokenizer, name="teacher", capture=capture)

@@ -163,7 +163,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
                                        bias=None if head.bias is None else full_value(head.bias))
     result = train_on(engine.student_model, batch, config.distill, micro_batches=config.optim.micro_batches,
                       epistemic_ids=epistemic, teacher_head=teacher_head,
-                      budget_bytes=int(config.run.memory_budget_mb * 2**20), total_tokens=tokens)
+                      budget_bytes=config.budget_bytes, total_tokens=tokens, agree=world.most)
     # Each rank's loss terms are its share of the global batch's: summed, they are the global values.
     result.loss, result.divergence, result.entropy, result.epistemic_mass, sparse = world.sum(
         [result.loss, result.divergence, result.entropy, result.epistemic_mass, float(result.sparse_targets)])

@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from trd_fast.heads import final_hidden_states
+
 
 def packed_hidden(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tensor:
     """One differentiable forward over all rows (1-D int64 tokens each, no padding): [sum len(keep[i]), H] final
@@ -36,8 +38,7 @@ def packed_hidden(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tens
 
 def _hidden(model, **inputs) -> Tensor:
     """[B, T, H] final hidden states of the model's own forward, its head run on no position."""
-    no_position = torch.empty(0, dtype=torch.int64, device=inputs["input_ids"].device)
-    return model(**inputs, use_cache=False, logits_to_keep=no_position, output_hidden_states=True).hidden_states[-1]
+    return final_hidden_states(model, {**inputs, "use_cache": False})
 
 
 def _packed(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tensor:

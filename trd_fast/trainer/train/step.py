@@ -6,6 +6,7 @@ gradient accumulation gives the same gradient as one big batch). No [n, V] logit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -49,9 +50,10 @@ def activation_bytes(model) -> int:
     return max(1, config.hidden_size * config.num_hidden_layers * ACTIVATION_VALUES_PER_LAYER * size)
 
 
-def pieces(lengths: list[int], micro_batches: int, tokens: int) -> list[tuple[int, int]]:
+def pieces(lengths: list[int], micro_batches: int, tokens: int, at_least: int = 0) -> list[tuple[int, int]]:
     """Row ranges [lo, hi): the rows split into `micro_batches` equal pieces, each cut further so that its rows
-    hold at most `tokens` tokens (lengths: tokens per row; a row longer than that is a piece alone)."""
+    hold at most `tokens` tokens (lengths: tokens per row; a row longer than that is a piece alone), then the
+    piece of most rows halved until there are `at_least` pieces (ValueError when the rows are too few)."""
     rows = len(lengths)
     bounds = [round(i * rows / micro_batches) for i in range(micro_batches + 1)]
     out = []
@@ -64,6 +66,12 @@ def pieces(lengths: list[int], micro_batches: int, tokens: int) -> list[tuple[in
             held += lengths[row]
         if hi > start:
             out.append((start, hi))
+    while len(out) < at_least:
+        i = max(range(len(out)), key=lambda j: out[j][1] - out[j][0]) if out else None
+        if i is None or out[i][1] - out[i][0] < 2:
+            raise ValueError(f"{rows} rows cannot make {at_least} pieces")
+        lo, hi = out[i]
+        out[i:i + 1] = [(lo, (lo + hi) // 2), ((lo + hi) // 2, hi)]
     return out
 
 
@@ -78,8 +86,8 @@ class StepResult:
 
 
 def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epistemic_ids: Tensor,
-             teacher_head: LMHead, budget_bytes: int,
-             total_tokens: int | None = None) -> StepResult:
+             teacher_head: LMHead, budget_bytes: int, total_tokens: int | None = None,
+             agree: Callable[[int], int] = int) -> StepResult:
     """Forward and backward over the batch (gradients accumulate in the model); no optimizer step. The loss and
     the per-token means are normalised by `total_tokens`, the trained tokens of the global batch (default: this
     batch's); when the batch is one rank's share, its values are that rank's share of the global ones.
@@ -89,15 +97,18 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
     states batch.targets holds (unused for top-k targets). The metrics form
     logits in row blocks of at most `budget_bytes`, and each of the `micro_batches` pieces is split further so
     that its estimated activations (activation_bytes) fit `budget_bytes` (one row at least): gradient
-    accumulation with the normalizer fixed makes the split change nothing but the peak memory."""
+    accumulation with the normalizer fixed makes the split change nothing but the peak memory. agree: the number
+    of pieces every rank runs from this rank's (the most over ranks: a sharded model's forward and backward are
+    collectives, so every rank runs as many; this rank then halves its pieces to match)."""
     spec = loss_spec(d)
     device = next(model.parameters()).device
     total = sum(len(y) for y in batch.completions) if total_tokens is None else total_tokens
     normalizer = torch.tensor(float(max(total, 1)), device=device)
     lengths = [len(x) + len(y) for x, y in zip(batch.contexts, batch.completions)]
-    loss_sum = divergence_sum = entropy_sum = mass_sum = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, divergence, entropy, epistemic mass
     sparse = False
-    for lo, hi in pieces(lengths, micro_batches, budget_bytes // activation_bytes(model)):
+    tokens = budget_bytes // activation_bytes(model)
+    for lo, hi in pieces(lengths, micro_batches, tokens, agree(len(pieces(lengths, micro_batches, tokens)))):
         sequences = [torch.cat([x.to(device), y.to(device)])
                      for x, y in zip(batch.contexts[lo:hi], batch.completions[lo:hi])]
         keep = [torch.arange(len(x) - 1, len(x) + len(y) - 1)
@@ -111,16 +122,14 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
         top_k = None if is_sparse else spec.top_k
         entropy, mass = support_stats(hidden, student_head, teacher, teacher_head, top_k=top_k,
                                       epistemic_ids=epistemic_ids, budget_bytes=budget_bytes)
-        entropy_sum += float(entropy.sum())
-        mass_sum += float(mass.sum())
         teacher_arguments = {} if is_sparse else teacher_head.loss_arguments("teacher")
         loss, per_token = trd_fast.fused_linear_distillation_loss(
             hidden, teacher_hidden=teacher, **student_head.loss_arguments("student"), **teacher_arguments,
             divergence=spec.divergence, beta=spec.beta, temperature=d.temperature, top_k=top_k, clip=spec.clip,
             weight=weight, normalizer=normalizer, return_per_token=True)
         loss.backward()
-        loss_sum += float(loss.detach())
-        divergence_sum += float(per_token.sum())
+        sums += torch.stack([v.detach().double() for v in (loss, per_token.sum(), entropy.sum(), mass.sum())])
     count = max(total, 1)
+    loss_sum, divergence_sum, entropy_sum, mass_sum = sums.tolist()  # the step's one host sync
     return StepResult(loss=loss_sum, divergence=divergence_sum / count, entropy=entropy_sum / count,
                       epistemic_mass=mass_sum / count, tokens=total, sparse_targets=sparse)
