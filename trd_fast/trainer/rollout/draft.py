@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import trd_fast
-
+from trd_fast.heads import LMHead
 from trd_fast.trainer.rollout.kv_cache import CachedBatch
 from trd_fast.trainer.rollout.sampling import SamplingConfig, filtered_weights, greedy, inverse_cdf, uniform
 from trd_fast.trainer.rollout.trace import Trace
@@ -203,7 +203,7 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
 
     A row that stopped stays in the batch, fed nothing, until the stopped rows are FINISHED_SHARE of it: taking
     rows out copies the KV cache of the others, which costs more than carrying a few idle rows for a while."""
-    device = runner.device
+    device, head = runner.device, runner.head                 # the head read once: nothing swaps it mid-call
     batch = alive.tolist()                                  # the trace row of each batch row, in cache order
     room = (budget[alive] - trace.lengths[alive]).tolist()  # per batch row, the tokens it may still draw
     history = [list(h) for h in history] if history is not None else [[] for _ in heads]
@@ -236,10 +236,10 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
         index = None if len(live) == len(batch) else torch.tensor(live, device=device)
         if index is not None:
             hidden, drafts, lengths = hidden[index], drafts[index], lengths[index]
-        logits = runner.head.logits(hidden)                                  # [L, 1 + D, V]: the verified rows
+        logits = head.logits(hidden)                                         # [L, 1 + D, V]: the verified rows
         accepted, token = verify(logits, drafts, lengths, sampling, generator, runner.vocab_size)
-        _record(runner, trace, torch.tensor([batch[r] for r in live], device=device), hidden, logits, drafts,
-                accepted, token, capture)
+        _record(runner, head, trace, torch.tensor([batch[r] for r in live], device=device), hidden, logits,
+                drafts, accepted, token, capture)
         del logits
         taken, drawn = accepted.tolist(), token.tolist()
         runner.counters.accepted_tokens += sum(taken)
@@ -266,7 +266,7 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
     bar.close()
 
 
-def _record(runner: Runner, trace: Trace, alive: Tensor, hidden: Tensor, logits: Tensor, drafts: Tensor,
+def _record(runner: Runner, head: LMHead, trace: Trace, alive: Tensor, hidden: Tensor, logits: Tensor, drafts: Tensor,
             accepted: Tensor, token: Tensor, capture: bool) -> None:
     """Each alive row's accepted draft tokens, then its own token, into the trace with what the capture keeps of
     their slots (hidden states [A, 1 + D, H], logits [A, 1 + D, V])."""
@@ -275,7 +275,7 @@ def _record(runner: Runner, trace: Trace, alive: Tensor, hidden: Tensor, logits:
     tokens = torch.where(slots < accepted[:, None], padded, token[:, None])             # [A, 1 + D]
     kept = None
     if capture:
-        flat = runner.capture.parts(hidden.flatten(0, 1), logits.flatten(0, 1), runner.head)
+        flat = runner.capture.parts(hidden.flatten(0, 1), logits.flatten(0, 1), head)
         kept = tuple(part.view(*tokens.shape, *part.shape[1:]) for part in flat)     # [A, 1 + D, *] each
     trace.add_runs(alive, tokens, trd_fast.token_logprobs(logits, tokens), kept, accepted + 1, runner.eos_id)
 
