@@ -15,7 +15,7 @@ from trd_fast.trainer.protocol import Tokenize
 from trd_fast.trainer.refine.modes import build_batch
 from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.refine.splice import splice
-from trd_fast.trainer.rollout.draft import DraftConfig, Drafter
+from trd_fast.trainer.rollout.draft import DraftConfig, Drafter, Lookup
 from trd_fast.trainer.rollout.generation import Runner, SamplingConfig
 from trd_fast.trainer.rollout.sampling import filtered_weights
 from trd_fast.trainer.run.config import from_dict
@@ -170,6 +170,33 @@ def test_drafter_pointer():
     assert drafter.propose(3, room=8) == [15, 16]                 # guess alone would propose [16])
     spliced = Drafter(DraftConfig(tokens=2, match=2), [source], eos_id=2, prefixes=[4])
     assert spliced.propose(0, room=8) == [14, 15]
+
+
+def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():
+    text = Lookup([5, 6, 7, 8, 5, 6, 9, 4, 5, 6], longest=3)
+    assert text.follow(2) == [9, 4]                               # "4 5 6" nowhere before; "5 6" latest at 4
+    text.extend([9, 4, 7])                                        # "4 7" nowhere; "7" latest followed by 8
+    assert text.follow(3) == [8, 5, 6]
+    text.extend([1])
+    assert text.follow(3) == [] and text.follow(0) == []          # 1 never occurred before
+    text.extend([9])
+    assert text.follow(1) == [4]                                  # "1 9" nowhere; "9" latest at 10
+    assert Lookup([], longest=3).follow(2) == [] and Lookup([3], longest=2).follow(2) == []
+
+
+def test_drafter_looks_up_its_context_once_the_source_is_used_up():
+    source, context = torch.tensor([10, 11]), torch.tensor([20, 21, 22, 23, 21, 22, 24, 25])
+    drafter = Drafter(DraftConfig(tokens=3, match=2), [source, source], eos_id=2, contexts=[context, context])
+    drafter.advance(0, [10, 11, 21], accepted=2)                  # source used up, then "21": after the latest
+    assert drafter.propose(0, room=8) == [22, 24, 25]             # "21" of the context ("25 21" occurs nowhere)
+    drafter.advance(0, [22, 24, 26], accepted=2)                  # "24 26" and "26" nowhere: no draft
+    assert drafter.propose(0, room=8) == []
+    drafter.advance(1, [30], accepted=0)                          # a substitution guess for 10: 11 next
+    assert drafter.propose(1, room=8) == [11]
+    drafter.advance(1, [11, 23], accepted=1)                      # the source used up: "23" -> "21 22 24"
+    assert drafter.propose(1, room=8) == [21, 22, 24] and drafter.propose(1, room=2) == [21, 22]
+    with pytest.raises(ValueError, match="contexts"):
+        Drafter(DraftConfig(2), [source], 2, contexts=[context, context])
 
 
 def test_draft_arguments_are_checked(model):
@@ -358,3 +385,33 @@ def test_shipped_task_refinement_is_the_same_with_drafts(shipped, mode):
         torch.testing.assert_close(implied(engine.teacher.model, batches[16].targets[b]),
                                    fresh(engine.teacher.model, context, batches[16].completions[b]),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_a_rewrite_past_a_short_attempt_drafts_from_its_prompt(shipped):
+    """Attempts that stopped at once ("10"): y_o gives no draft past its one token; the rewrite repeats stretches
+    of the refine prompt (the operations and operands), so drafts looked up there are accepted. Greedy output
+    and targets stay plain decoding's; rows finish at different forwards (some stay idle in the batch)."""
+    _, engine = shipped
+    task, tokenize, teacher = ChainTask(), Tokenize(engine.tokenizer), engine.teacher
+    examples = list(task.examples("train", 12, 0))
+    contexts = [tokenize(task.refine_prompt(e, "10", False)) for e in examples]
+    attempts = [tokenize("10")] * len(examples)
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=40)
+    outputs, counters = {}, {}
+    for looked_up in (None, False, True):
+        teacher.new_step()
+        drafter = None if looked_up is None else Drafter(DraftConfig(3), attempts, teacher.eos_id,
+                                                         contexts=contexts if looked_up else None)
+        outputs[looked_up] = teacher.generate(contexts, sampling, generator=torch.Generator(), capture=True,
+                                              drafter=drafter)
+        counters[looked_up] = teacher.counters
+    plain = outputs[None]
+    assert len(set(plain.lengths.tolist())) > 1
+    for looked_up in (False, True):
+        assert torch.equal(outputs[looked_up].tokens, plain.tokens)
+        assert torch.equal(outputs[looked_up].lengths, plain.lengths)
+        for a, b in zip(outputs[looked_up].targets, plain.targets):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert counters[looked_up].rescore_forwards == 0
+    assert counters[True].accepted_tokens > counters[False].accepted_tokens
+    assert counters[True].forwards < counters[False].forwards

@@ -27,7 +27,8 @@ def rewrite_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
     rewrite = request.teacher.generate(refine_contexts, request.teacher_sampling(), generator=request.generator,
                                        capture=True, progress=request.progress("rewrite"),
                                        row_ids=request.row_ids,
-                                       drafter=Drafter(draft, y_o, request.teacher.eos_id) if draft else None)
+                                       drafter=Drafter(draft, y_o, request.teacher.eos_id, contexts=refine_contexts)
+                                       if draft else None)
     y_r = rewrite.rows()
     targets = rewrite.targets
     weights = [torch.ones(len(y)) for y in y_r]

@@ -188,7 +188,8 @@ def _continue_drafted(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor]
     """Decoding of the rows `needs` (trace rows; failed row fails[i] holds context + y_o[:position[i]] in
     `state`, its pending token last[i]) with drafts from y_o after the pending token."""
     at = position.tolist()
-    drafter = Drafter(draft, [y_o[b] for b in fails], teacher.eos_id, prefixes=at)
+    drafter = Drafter(draft, [y_o[b] for b in fails], teacher.eos_id, prefixes=at,
+                      contexts=[contexts[b] for b in fails])
     for i in needs.tolist():
         drafter.advance(i, [int(last[i])], 0)
     verify_decode(teacher, drafter, rows=[rows[b] for b in fails], heads=[last[i:i + 1] for i in needs.tolist()],

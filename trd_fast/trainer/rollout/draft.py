@@ -25,6 +25,12 @@ guess. The draft is empty once the pointer has run past the source. (Measured on
 wrong intermediate value changes every later step: an empty draft when nothing matches took up to twice the
 forwards of the substitution guess.) Drafts stop before the source's first EOS (the plain draw after a fully
 accepted draft ends the row instead) and before the row's token budget.
+
+Once the pointer has run past the source (a rollout that stopped early leaves most of the rewrite undrafted),
+the draft is looked up prompt-lookup style in the row's text, its context (the refine prompt) followed by what
+it generated: the tokens that followed the latest earlier occurrence of its last `match` tokens, or of fewer of
+them down to one; none when even its last token never occurred before. This draft too depends only on tokens
+already generated and the context, so the output keeps its law.
 """
 
 from __future__ import annotations
@@ -37,13 +43,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import trd_fast
-
+from trd_fast.heads import LMHead
 from trd_fast.trainer.rollout.kv_cache import CachedBatch
 from trd_fast.trainer.rollout.sampling import SamplingConfig, filtered_weights, greedy, inverse_cdf, uniform
 from trd_fast.trainer.rollout.trace import Trace
 
 if TYPE_CHECKING:
     from trd_fast.trainer.rollout.generation import Runner
+
+FINISHED_SHARE = 0.25  # stopped rows stay in the batch, fed nothing, until they are this share of it (taking rows
+                       # out copies the KV cache of the others)
 
 
 @dataclass(frozen=True)
@@ -62,18 +71,23 @@ class Drafter:
     """Per row, a draft source and an aligned pointer into it (see the module docstring)."""
 
     def __init__(self, config: DraftConfig, sources: Sequence[Tensor], eos_id: int,
-                 prefixes: Sequence[int] | None = None):
+                 prefixes: Sequence[int] | None = None, contexts: Sequence[Tensor] | None = None):
         """sources: per row 1-D int64 tokens to draft from; prefixes: per row, how many of its source's first
-        tokens the row has already generated unchanged (default 0)."""
+        tokens the row has already generated unchanged (default 0); contexts: per row 1-D int64 tokens before
+        what it generates (its prompt), searched with them once the source is used up (default: none)."""
         prefixes = [0] * len(sources) if prefixes is None else [int(k) for k in prefixes]
         if len(prefixes) != len(sources):
             raise ValueError(f"prefixes: {len(prefixes)} for {len(sources)} sources")
+        if contexts is not None and len(contexts) != len(sources):
+            raise ValueError(f"contexts: {len(contexts)} for {len(sources)} sources")
         self.config = config
         self._sources = []
         for source in sources:
             tokens = source.tolist()
             self._sources.append(tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens)
-        self._generated = [source[:k] for source, k in zip(self._sources, prefixes)]
+        before = [[] for _ in sources] if contexts is None else [x.tolist() for x in contexts]
+        self._texts = [Lookup(x + source[:k], config.match) for x, source, k in zip(before, self._sources, prefixes)]
+        self._starts = [len(x) for x in before]          # where the generated tokens start in the row's text
         self._position = prefixes                       # source position aligned with the row's next token
         self._guessed = [False] * len(sources)          # that position is an unconfirmed substitution guess
         self._ngrams: list[dict[tuple[int, ...], list[int]] | None] = [None] * len(sources)
@@ -82,13 +96,17 @@ class Drafter:
         return len(self._sources)
 
     def propose(self, row: int, room: int) -> list[int]:
-        """Up to min(D, room) source tokens from the row's pointer."""
-        position = self._position[row]
-        return self._sources[row][position:position + max(0, min(self.config.tokens, room))]
+        """Up to min(D, room) tokens: the source's from the row's pointer, or once the pointer has run past the
+        source, what followed the latest earlier occurrence of the row's last tokens in its text."""
+        count, position, source = max(0, min(self.config.tokens, room)), self._position[row], self._sources[row]
+        if position < len(source):
+            return source[position:position + count]
+        return self._texts[row].follow(count)
 
     def advance(self, row: int, tokens: Sequence[int], accepted: int) -> None:
         """The row generated `tokens`: the first `accepted` of its proposal, then one token of its own."""
-        self._generated[row].extend(tokens)
+        text = self._texts[row]
+        text.extend(tokens)
         source, position = self._sources[row], self._position[row] + accepted
         confirmed = accepted > 0 or not self._guessed[row]
         guess = position + 1
@@ -97,7 +115,8 @@ class Drafter:
         elif confirmed:
             self._position[row], self._guessed[row] = guess, True
         else:
-            ends = self._occurrences(row).get(tuple(self._generated[row][-self.config.match:]), ())
+            last = text.tokens[max(self._starts[row], len(text.tokens) - self.config.match):]
+            ends = self._occurrences(row).get(tuple(last), ())
             self._position[row] = min(ends, key=lambda e: (abs(e - guess), -e)) if ends else guess
             self._guessed[row] = False
 
@@ -110,6 +129,35 @@ class Drafter:
                 index.setdefault(tuple(source[end - n:end]), []).append(end)
             self._ngrams[row] = index
         return self._ngrams[row]
+
+
+class Lookup:
+    """A growing token sequence indexed for prompt lookup: each n-gram (n <= longest) that something follows ->
+    the position just past its latest such occurrence. The index is brought up to date when it is read."""
+
+    def __init__(self, tokens: Sequence[int], longest: int):
+        self.tokens = list(tokens)
+        self.longest = longest
+        self._latest: dict[tuple[int, ...], int] = {}
+        self._indexed = 0                                   # n-grams ending before this position are indexed
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.tokens.extend(tokens)
+
+    def follow(self, count: int) -> list[int]:
+        """Up to `count` tokens that followed the latest earlier occurrence of the sequence's last `longest`
+        tokens, else of fewer of them (down to 1); [] when none of them occurred before."""
+        tokens, latest, size = self.tokens, self._latest, len(self.tokens)
+        for n in range(1, self.longest + 1):        # the n-grams ending at `end` (before the last token) are followed
+            first = max(self._indexed, n)
+            grams = zip(*(tokens[first - n + i:size - n + i] for i in range(n)))  # tokens[end - n:end] per end
+            latest.update(zip(grams, range(first, size)))
+        self._indexed = size
+        for n in range(min(self.longest, len(tokens)), 0, -1):
+            end = latest.get(tuple(tokens[-n:]))
+            if end is not None:
+                return tokens[end:end + count]
+        return []
 
 
 def verify(logits: Tensor, drafts: Tensor, lengths: Tensor, sampling: SamplingConfig, generator: torch.Generator,
@@ -151,46 +199,74 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
     None before their prompts) until each stops at EOS or at its budget (budget [R]: the trace length it may
     reach). Each forward feeds row i heads[i] (its prompt, or its pending token) and its draft, after
     history[i] (the token ids `state` holds for it; None: nothing). `rows[r]` is trace row r's ledger id; each
-    forward is recorded in the ledger as it is fed, rejected draft tails included."""
-    device = runner.device
+    forward is recorded in the ledger as it is fed, rejected draft tails included.
+
+    A row that stopped stays in the batch, fed nothing, until the stopped rows are FINISHED_SHARE of it: taking
+    rows out copies the KV cache of the others, which costs more than carrying a few idle rows for a while."""
+    device, head = runner.device, runner.head                 # the head read once: nothing swaps it mid-call
+    batch = alive.tolist()                                  # the trace row of each batch row, in cache order
+    room = (budget[alive] - trace.lengths[alive]).tolist()  # per batch row, the tokens it may still draw
     history = [list(h) for h in history] if history is not None else [[] for _ in heads]
-    heads = list(heads)
-    fed_heads = [h.tolist() for h in heads]
+    fed = [h.tolist() for h in heads]                       # per batch row, the head its next forward feeds
+                                                            # (nothing once it stopped)
+    live = list(range(len(batch)))                          # the batch rows still generating
+    pending = None                                          # [B] int64 each batch row's pending token
     bar = tqdm(desc=progress, disable=progress is None, leave=False)
-    while len(alive):
-        order = alive.tolist()
-        room = (budget[alive] - trace.lengths[alive] - 1).tolist()          # tokens before the final draw
-        proposals = [drafter.propose(i, r) for i, r in zip(order, room)]
+    while live:
+        proposals = [[] for _ in batch]
+        for r in live:
+            proposals[r] = drafter.propose(batch[r], room[r] - 1)
         counts = [len(p) for p in proposals]
         width = max(counts)
-        drafts = torch.tensor([p + [runner.pad_id] * (width - len(p)) for p in proposals], dtype=torch.int64,
-                              device=device).view(len(order), width)       # [A, D]
-        tails = torch.tensor([t for p in proposals for t in p], dtype=torch.int64, device=device).split(counts)
-        hidden, state = runner.prefill([rows[i] for i in order], heads, tails, keep=width + 1, state=state,
-                                       history=history, draft=True)         # [A, 1 + D, H]
-        logits = runner.head.logits(hidden)                                  # [A, 1 + D, V]: the verified rows
-        accepted, token = verify(logits, drafts, torch.tensor(counts, device=device), sampling, generator,
-                                 runner.vocab_size)
-        _record(runner, trace, alive, hidden, logits, drafts, accepted, token, capture)
+        drafts = torch.tensor([p + [runner.pad_id] * (width - len(p)) for p in proposals],
+                              dtype=torch.int64).view(len(batch), width).to(device)        # [B, D]
+        lengths = torch.tensor(counts, device=device)                                       # [B]
+        ledger_rows = [rows[i] for i in batch]
+        if pending is None:  # the prompts
+            hidden, state = runner.prefill(ledger_rows, heads, [d[:n] for d, n in zip(drafts, counts)],
+                                           keep=width + 1, state=state, history=history, draft=True)
+        else:                # the pending tokens, laid out directly: one head slot per row, the drafts after it
+            going = [len(f) for f in fed]
+            ids = torch.cat([pending[:, None], drafts], dim=1)                              # [B, 1 + D]
+            slots = torch.cat([torch.tensor(going, dtype=torch.bool, device=device)[:, None],
+                               torch.arange(width, device=device) < lengths[:, None]], dim=1)  # [B, 1 + D]
+            hidden, state = runner.run_batch(ledger_rows, ids, slots, going, counts, keep=width + 1, state=state,
+                                             history=history, draft=True)                  # [B, 1 + D, H]
+        heads_fed = fed
+        index = None if len(live) == len(batch) else torch.tensor(live, device=device)
+        if index is not None:
+            hidden, drafts, lengths = hidden[index], drafts[index], lengths[index]
+        logits = head.logits(hidden)                                         # [L, 1 + D, V]: the verified rows
+        accepted, token = verify(logits, drafts, lengths, sampling, generator, runner.vocab_size)
+        _record(runner, head, trace, torch.tensor([batch[r] for r in live], device=device), hidden, logits,
+                drafts, accepted, token, capture)
         del logits
         taken, drawn = accepted.tolist(), token.tolist()
         runner.counters.accepted_tokens += sum(taken)
-        for i, p, a, t in zip(order, proposals, taken, drawn):
-            drafter.advance(i, p[:a] + [t], a)
-        going = (token != runner.eos_id) & (trace.lengths[alive] < budget[alive])
-        keep = going.nonzero()[:, 0]
-        if len(keep):
-            kept = keep.tolist()
-            state = _drop_rejected(state, accepted, width, keep, longest=max(taken[i] for i in kept))
-            history = [history[i] + fed_heads[i] + proposals[i][:taken[i]] for i in kept]
-            fed_heads = [[drawn[i]] for i in kept]
-            heads = list(token[keep].view(-1, 1).unbind(0))
-        alive = alive[keep]
+        pending = token if index is None else torch.full((len(batch),), runner.pad_id, dtype=torch.int64,
+                                                         device=device).index_copy_(0, index, token)   # [B]
+        kept = [0] * len(batch)                             # per batch row, the draft tokens it accepted
+        fed = [[] for _ in batch]
+        for r, a, t in zip(live, taken, drawn):
+            drafter.advance(batch[r], proposals[r][:a] + [t], a)
+            history[r] += heads_fed[r] + proposals[r][:a]
+            room[r] -= a + 1
+            kept[r] = a
+            if t != runner.eos_id and room[r] > 0:
+                fed[r] = [t]
+        live = [r for r in live if fed[r]]
+        if live:
+            state = _drop_rejected(state, torch.tensor(kept, device=device), width, longest=max(taken))
+        if live and len(batch) - len(live) >= FINISHED_SHARE * len(batch):
+            state = state.select(torch.tensor(live, device=device))
+            batch, room, history, fed = ([x[r] for r in live] for x in (batch, room, history, fed))
+            pending = pending[live]
+            live = list(range(len(batch)))
         bar.update(1)
     bar.close()
 
 
-def _record(runner: Runner, trace: Trace, alive: Tensor, hidden: Tensor, logits: Tensor, drafts: Tensor,
+def _record(runner: Runner, head: LMHead, trace: Trace, alive: Tensor, hidden: Tensor, logits: Tensor, drafts: Tensor,
             accepted: Tensor, token: Tensor, capture: bool) -> None:
     """Each alive row's accepted draft tokens, then its own token, into the trace with what the capture keeps of
     their slots (hidden states [A, 1 + D, H], logits [A, 1 + D, V])."""
@@ -199,17 +275,15 @@ def _record(runner: Runner, trace: Trace, alive: Tensor, hidden: Tensor, logits:
     tokens = torch.where(slots < accepted[:, None], padded, token[:, None])             # [A, 1 + D]
     kept = None
     if capture:
-        flat = runner.capture.parts(hidden.flatten(0, 1), logits.flatten(0, 1), runner.head)
+        flat = runner.capture.parts(hidden.flatten(0, 1), logits.flatten(0, 1), head)
         kept = tuple(part.view(*tokens.shape, *part.shape[1:]) for part in flat)     # [A, 1 + D, *] each
     trace.add_runs(alive, tokens, trd_fast.token_logprobs(logits, tokens), kept, accepted + 1, runner.eos_id)
 
 
-def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, keep: Tensor, *,
-                   longest: int) -> CachedBatch:
-    """The batch of rows `keep` with the rejected draft slots of the last forward (its last `width` columns)
-    masked out, cut back to the longest kept block (`longest`: the most draft tokens a kept row accepted)."""
+def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, *, longest: int) -> CachedBatch:
+    """The batch with the rejected draft slots of the last forward (its last `width` columns; row i kept its
+    first accepted[i]) masked out, cut back to the longest kept block (`longest`: the most any row kept)."""
     start = state.mask.shape[1] - width
-    kept = torch.arange(width, device=accepted.device) < accepted[:, None]                # [A, D]
+    kept = torch.arange(width, device=accepted.device) < accepted[:, None]                # [B, D]
     mask = torch.cat([state.mask[:, :start], state.mask[:, start:] & kept], dim=1)
-    cut = CachedBatch(state.cache, mask).crop(start + longest)
-    return cut if len(keep) == len(accepted) else cut.select(keep)
+    return CachedBatch(state.cache, mask).crop(start + longest)

@@ -158,6 +158,17 @@ class Runner:
         slot = torch.arange(ids.shape[1], device=ids.device)
         fed = ((slot >= head_width - torch.tensor(head_lengths, device=ids.device)[:, None])
                & (slot < head_width + torch.tensor(tail_lengths, device=ids.device)[:, None]))  # [B, W]
+        return self.run_batch(rows, ids, fed, head_lengths, tail_lengths, keep=keep, state=state, history=history,
+                              use_cache=use_cache, draft=draft)
+
+    def run_batch(self, rows: Sequence[int], ids: Tensor, fed: Tensor, head_lengths: Sequence[int],
+                  tail_lengths: Sequence[int], *, keep: int, state: CachedBatch | None = None,
+                  history: Sequence[list[int]] | None = None, use_cache: bool = True,
+                  draft: bool = False) -> tuple[Tensor, CachedBatch | None]:
+        """prefill's forward on its batch already laid out: ids [B, W] int64 with row b's head (head_lengths[b]
+        tokens) right-aligned before column H = max(head_lengths) and its tail (tail_lengths[b]) left-aligned
+        from H, fed [B, W] bool marking those tokens."""
+        head_width = max(head_lengths)
         past = state.mask if state is not None else fed[:, :0]                              # [B, S]
         cache = None
         if use_cache:
@@ -169,12 +180,12 @@ class Runner:
                             **{CACHE_KEYWORD: cache}, use_cache=use_cache)
         if use_cache:
             check_filled(cache, mask.shape[1], self.name)
-        history = history if history is not None else [[] for _ in heads]
+        history = history if history is not None else [[] for _ in head_lengths]
         fed_ids = ids.tolist()
         sequences = [p + row[head_width - h:head_width + t]
                      for p, row, h, t in zip(history, fed_ids, head_lengths, tail_lengths)]
         counts = self.ledger.feed(rows, sequences, [len(p) for p in history])
-        fed_heads, fed_tails = int(fed[:, :head_width].sum()), int(fed[:, head_width:].sum())
+        fed_heads, fed_tails = sum(head_lengths), sum(tail_lengths)
         if not draft:
             self.counters.prefill_tokens += fed_heads + fed_tails
         elif state is None:
