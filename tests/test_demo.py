@@ -9,16 +9,16 @@ from trd_fast.drivers import demo
 from trd_fast.drivers.demo import METHODS
 
 
-def miniature(output):
+def miniature(output, jobs):
     import argparse
     parser = demo.add_arguments(argparse.ArgumentParser())
     return parser.parse_args(["--output", str(output), "--seeds", "0", "1", "--steps", "2", "--batch-size", "4",
                               "--eval-problems", "24", "--curve-every", "1", "--curve-problems", "8",
-                              "--no-progress"])
+                              "--no-progress", "--jobs", str(jobs)])
 
 
 def test_demo_miniature_writes_the_report_and_resumes(tmp_path):
-    report = demo.run(miniature(tmp_path))
+    report = demo.run(miniature(tmp_path, jobs=2))  # the runs in two processes
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["seeds"] == [0, 1] and on_disk["eval_problems"] == 24
@@ -41,6 +41,13 @@ def test_demo_miniature_writes_the_report_and_resumes(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
     finished = {m: (tmp_path / m / "seed-0" / "final.json").stat().st_mtime_ns for m in METHODS}
-    again = demo.run(miniature(tmp_path))
+    again = demo.run(miniature(tmp_path, jobs=1))
     assert {m: (tmp_path / m / "seed-0" / "final.json").stat().st_mtime_ns for m in METHODS} == finished
     assert again["methods"] == report["methods"]
+
+
+def test_demo_refuses_no_jobs(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="--jobs must be >= 1, got 0"):
+        demo.run(miniature(tmp_path, jobs=0))

@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from trd_fast.tasks.chain import ChainTask
 from trd_fast.tasks.paths import checkpoint_dir
@@ -26,6 +30,7 @@ from trd_fast.trainer.run.loop import train
 from trd_fast.trainer.run.metrics import METRICS, read_metrics
 
 METHODS = ("opd", "trd", "trd_splice")
+MAX_JOBS = 4  # --jobs' default: the cores, at most this many
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--student", default=None, help="student model dir (default: the shipped student)")
     parser.add_argument("--teacher", default=None, help="teacher model dir (default: the shipped teacher)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--jobs", type=int, default=min(MAX_JOBS, os.cpu_count() or 1),
+                        help="runs trained at once, each in its own process with cores / jobs threads (the tiny "
+                             "models gain little from a second thread, so runs side by side finish sooner)")
     return parser
 
 
@@ -62,32 +70,56 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> TrainConfig:
 def run(args: argparse.Namespace) -> dict:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight loading and saving bars, once per run
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     task = ChainTask()
     held_out = task.examples("eval", args.eval_problems, EVAL_SEED)
     base = _final_eval(out / "base.json", args.student or str(checkpoint_dir("student")), task, held_out, args)
+    runs = [(method, seed) for seed in args.seeds for method in args.methods]
+    todo = [r for r in runs if not (Path(run_config(args, *r).run.output_dir) / "final.json").is_file()]
+    if args.jobs > 1 and len(todo) > 1:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(min(args.jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            runs_done = pool.map(_train_and_evaluate, [args] * len(todo), *zip(*todo))
+            for _ in tqdm(runs_done, total=len(todo), desc=f"runs, {args.jobs} at once", disable=args.no_progress):
+                pass
+    else:
+        for method, seed in todo:
+            _train_and_evaluate(args, method, seed)
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    for seed in args.seeds:
-        for method in args.methods:
-            config = run_config(args, method, seed)
-            run_dir = Path(config.run.output_dir)
-            done = run_dir / "final.json"
-            if not done.is_file():
-                began = time.perf_counter()
-                train(config, task)
-                _final_eval(done, str(run_dir / "student"), task, held_out, args,
-                            extra={"wall_s": time.perf_counter() - began})
-            final = json.loads(read_utf8(done))
-            final["metrics"] = read_metrics(run_dir / METRICS)
-            results[method].append(final)
-            print(f"{method:>10} seed {seed}: accuracy {final['accuracy']:.3f}")
+    for method, seed in runs:
+        run_dir = Path(run_config(args, method, seed).run.output_dir)
+        final = json.loads(read_utf8(run_dir / "final.json"))
+        final["metrics"] = read_metrics(run_dir / METRICS)
+        results[method].append(final)
+        print(f"{method:>10} seed {seed}: accuracy {final['accuracy']:.3f}")
     report = _report(args, base, results)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _plot(results, base["accuracy"], out / "curves.png")
     print(_table(report))
     print(f"report: {out / 'report.json'}  curves: {out / 'curves.png'}")
     return report
+
+
+def _train_and_evaluate(args: argparse.Namespace, method: str, seed: int) -> tuple[str, int]:
+    """Train one (method, seed) run and evaluate its student on the held-out problems into its final.json
+    (with the run's wall seconds); with several jobs, the bars of one run at a time would interleave, so the
+    workers show none."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    quiet = argparse.Namespace(**{**vars(args), "no_progress": args.no_progress or args.jobs > 1})
+    config = run_config(quiet, method, seed)
+    run_dir = Path(config.run.output_dir)
+    task = ChainTask()
+    began = time.perf_counter()
+    train(config, task)
+    _final_eval(run_dir / "final.json", str(run_dir / "student"), task,
+                task.examples("eval", args.eval_problems, EVAL_SEED), quiet,
+                extra={"wall_s": time.perf_counter() - began})
+    return method, seed
 
 
 def _final_eval(path: Path, model_dir: str, task, examples, args, extra: dict | None = None) -> dict:
@@ -134,7 +166,8 @@ def _report(args, base: dict, results: dict[str, list[dict]]) -> dict:
             "setup": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                       "opd_loss": "reverse_kl", "trd_loss": "forward_kl (full vocabulary)",
                       "student_sampling_temperature": 1.0, "teacher_temperature": 0.0,
-                      "threads": torch.get_num_threads()}}
+                      "jobs": args.jobs, "threads": torch.get_num_threads() if args.jobs <= 1
+                      else max(1, (os.cpu_count() or 1) // args.jobs)}}
 
 
 def _table(report: dict) -> str:
