@@ -199,6 +199,16 @@ def test_drafter_looks_up_its_context_once_the_source_is_used_up():
         Drafter(DraftConfig(2), [source], 2, contexts=[context, context])
 
 
+def test_a_looked_up_draft_stops_before_eos():
+    """A context holding EOS (a chat template's end-of-turn) never drafts it: accepted, the row would go on."""
+    source, context = torch.tensor([10]), torch.tensor([20, 21, 22, 2, 23])
+    drafter = Drafter(DraftConfig(tokens=3, match=2), [source, source], eos_id=2, contexts=[context, context])
+    drafter.advance(0, [10, 20], accepted=1)
+    assert drafter.propose(0, room=8) == [21, 22]                # not [21, 22, 2]
+    drafter.advance(1, [10, 22], accepted=1)
+    assert drafter.propose(1, room=8) == []                      # "22" was followed by EOS
+
+
 def test_draft_arguments_are_checked(model):
     for bad, key in ((dict(tokens=-1), "tokens"), (dict(match=0), "match")):
         with pytest.raises(ValueError, match=key):

@@ -186,7 +186,8 @@ def _continue_drafted(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor]
                       budget: Tensor, sampling: SamplingConfig, generator: torch.Generator, rows: list[int],
                       progress: str | None, draft: DraftConfig) -> None:
     """Decoding of the rows `needs` (trace rows; failed row fails[i] holds context + y_o[:position[i]] in
-    `state`, its pending token last[i]) with drafts from y_o after the pending token."""
+    `state`, its pending token last[i]) with drafts from y_o after the pending token, then looked up in the
+    context and the output (rollout/draft.py)."""
     at = position.tolist()
     drafter = Drafter(draft, [y_o[b] for b in fails], teacher.eos_id, prefixes=at,
                       contexts=[contexts[b] for b in fails])

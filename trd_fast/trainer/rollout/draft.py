@@ -58,7 +58,8 @@ FINISHED_SHARE = 0.25  # stopped rows stay in the batch, fed nothing, until they
 @dataclass(frozen=True)
 class DraftConfig:
     tokens: int = 3    # D: draft tokens verified per forward and row; 0: no drafting
-    match: int = 3     # generated tokens matched in the source to re-synchronise the pointer after a mismatch
+    match: int = 3     # generated tokens matched in the source to re-synchronise the pointer after a mismatch,
+                       # and the longest run of them looked up in the context once the source is used up
 
     def __post_init__(self):
         if self.tokens < 0:
@@ -81,6 +82,7 @@ class Drafter:
         if contexts is not None and len(contexts) != len(sources):
             raise ValueError(f"contexts: {len(contexts)} for {len(sources)} sources")
         self.config = config
+        self._eos = eos_id
         self._sources = []
         for source in sources:
             tokens = source.tolist()
@@ -97,11 +99,13 @@ class Drafter:
 
     def propose(self, row: int, room: int) -> list[int]:
         """Up to min(D, room) tokens: the source's from the row's pointer, or once the pointer has run past the
-        source, what followed the latest earlier occurrence of the row's last tokens in its text."""
+        source, what followed the latest earlier occurrence of the row's last tokens in its text, cut before an
+        EOS (as the source is: a drafted EOS would let a row go on past its end)."""
         count, position, source = max(0, min(self.config.tokens, room)), self._position[row], self._sources[row]
         if position < len(source):
             return source[position:position + count]
-        return self._texts[row].follow(count)
+        drafted = self._texts[row].follow(count)
+        return drafted[:drafted.index(self._eos)] if self._eos in drafted else drafted  # EOS ends a row: not drafted
 
     def advance(self, row: int, tokens: Sequence[int], accepted: int) -> None:
         """The row generated `tokens`: the first `accepted` of its proposal, then one token of its own."""

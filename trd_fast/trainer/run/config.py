@@ -82,7 +82,8 @@ class DistillConfig:
     suffix_weight: float = 1.0         # trd_splice: loss weight of the teacher's continuation
     draft_tokens: int = 3              # trd, trd_splice: y_o tokens the teacher verifies as a draft per forward
                                        # (exactly the same output, fewer forwards); 0: plain decoding
-    draft_match: int = 3               # generated tokens matched in y_o to re-align the draft after a mismatch
+    draft_match: int = 3               # generated tokens matched in y_o to re-align the draft after a mismatch,
+                                       # and the longest run of them looked up in the prompt once y_o is used up
     epistemic_tokens: tuple[str, ...] = ("Wait", "Actually")  # words whose teacher probability mass is logged
 
 
