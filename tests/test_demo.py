@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from trd_fast.drivers import demo
 from trd_fast.drivers.demo import METHODS
 
@@ -22,6 +24,7 @@ def test_demo_miniature_writes_the_report_and_resumes(tmp_path):
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["seeds"] == [0, 1] and on_disk["eval_problems"] == 24
+    assert on_disk["setup"]["runs_trained_with"] == [{"threads": max(1, demo._cores() // 2), "jobs": 2}]
     assert set(on_disk["methods"]) == {"base", *METHODS}
     for method, entry in on_disk["methods"].items():
         assert len(entry["accuracy"]) == 2 and all(0.0 <= a <= 1.0 for a in entry["accuracy"])
@@ -46,8 +49,7 @@ def test_demo_miniature_writes_the_report_and_resumes(tmp_path):
     assert again["methods"] == report["methods"]
 
 
-def test_demo_refuses_no_jobs(tmp_path):
-    import pytest
-
-    with pytest.raises(ValueError, match="--jobs must be >= 1, got 0"):
-        demo.run(miniature(tmp_path, jobs=0))
+def test_demo_refuses_no_jobs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        miniature(tmp_path, jobs=0)
+    assert "--jobs: must be >= 1, got 0" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -47,10 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--student", default=None, help="student model dir (default: the shipped student)")
     parser.add_argument("--teacher", default=None, help="teacher model dir (default: the shipped teacher)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--jobs", type=int, default=min(MAX_JOBS, os.cpu_count() or 1),
+    parser.add_argument("--jobs", type=_at_least_one, default=min(MAX_JOBS, _cores()),
                         help="runs trained at once, each in its own process with cores / jobs threads (the tiny "
                              "models gain little from a second thread, so runs side by side finish sooner)")
     return parser
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def run_config(args: argparse.Namespace, method: str, seed: int) -> TrainConfig:
@@ -70,8 +82,6 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> TrainConfig:
 def run(args: argparse.Namespace) -> dict:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight loading and saving bars, once per run
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     task = ChainTask()
@@ -79,16 +89,22 @@ def run(args: argparse.Namespace) -> dict:
     base = _final_eval(out / "base.json", args.student or str(checkpoint_dir("student")), task, held_out, args)
     runs = [(method, seed) for seed in args.seeds for method in args.methods]
     todo = [r for r in runs if not (Path(run_config(args, *r).run.output_dir) / "final.json").is_file()]
-    if args.jobs > 1 and len(todo) > 1:
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(min(args.jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            runs_done = pool.map(_train_and_evaluate, [args] * len(todo), *zip(*todo))
-            for _ in tqdm(runs_done, total=len(todo), desc=f"runs, {args.jobs} at once", disable=args.no_progress):
-                pass
+    jobs = min(args.jobs, len(todo))
+    if jobs > 1:  # each run in its own process; the first failure stops the queue and is raised here
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=torch.set_num_threads,
+                                 initargs=(max(1, _cores() // jobs),)) as pool:
+            futures = [pool.submit(_train_and_evaluate, args, method, seed, held_out, jobs) for method, seed in todo]
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), desc=f"runs, {jobs} at once",
+                                   disable=args.no_progress):
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     else:
         for method, seed in todo:
-            _train_and_evaluate(args, method, seed)
+            _train_and_evaluate(args, method, seed, held_out, jobs=1)
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     for method, seed in runs:
         run_dir = Path(run_config(args, method, seed).run.output_dir)
@@ -104,22 +120,19 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def _train_and_evaluate(args: argparse.Namespace, method: str, seed: int) -> tuple[str, int]:
-    """Train one (method, seed) run and evaluate its student on the held-out problems into its final.json
-    (with the run's wall seconds); with several jobs, the bars of one run at a time would interleave, so the
-    workers show none."""
+def _train_and_evaluate(args: argparse.Namespace, method: str, seed: int, held_out, jobs: int) -> None:
+    """Train one (method, seed) run and evaluate its student on the held-out problems into its final.json, with
+    the run's wall seconds, its threads and the runs trained beside it (`jobs`); with several jobs their bars
+    would interleave, so the runs show none (the caller shows one over runs)."""
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    quiet = argparse.Namespace(**{**vars(args), "no_progress": args.no_progress or args.jobs > 1})
+    hf_logging.disable_progress_bar()  # weight loading and saving bars
+    quiet = argparse.Namespace(**{**vars(args), "no_progress": args.no_progress or jobs > 1})
     config = run_config(quiet, method, seed)
     run_dir = Path(config.run.output_dir)
-    task = ChainTask()
     began = time.perf_counter()
-    train(config, task)
-    _final_eval(run_dir / "final.json", str(run_dir / "student"), task,
-                task.examples("eval", args.eval_problems, EVAL_SEED), quiet,
-                extra={"wall_s": time.perf_counter() - began})
-    return method, seed
+    train(config, ChainTask())
+    _final_eval(run_dir / "final.json", str(run_dir / "student"), ChainTask(), held_out, quiet,
+                extra={"wall_s": time.perf_counter() - began, "threads": torch.get_num_threads(), "jobs": jobs})
 
 
 def _final_eval(path: Path, model_dir: str, task, examples, args, extra: dict | None = None) -> dict:
@@ -166,8 +179,8 @@ def _report(args, base: dict, results: dict[str, list[dict]]) -> dict:
             "setup": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                       "opd_loss": "reverse_kl", "trd_loss": "forward_kl (full vocabulary)",
                       "student_sampling_temperature": 1.0, "teacher_temperature": 0.0,
-                      "jobs": args.jobs, "threads": torch.get_num_threads() if args.jobs <= 1
-                      else max(1, (os.cpu_count() or 1) // args.jobs)}}
+                      "runs_trained_with": [{"threads": t, "jobs": j} for t, j in sorted(
+                          {(r.get("threads"), r.get("jobs")) for runs in results.values() for r in runs}, key=str)]}}
 
 
 def _table(report: dict) -> str:
