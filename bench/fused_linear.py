@@ -78,8 +78,8 @@ def liger():
 
 
 def variants():
-    out = {"trd_fast": (ours, None), FRESH_TILES: (ours, None), "eager": (eager, None), "compile": (torch.compile(eager), None),
-           "trl_chunked": (trl_chunked, None)}
+    out = {"trd_fast": (ours, None), FRESH_TILES: (ours, None), "eager": (eager, None),
+           "compile": (torch.compile(eager), None), "trl_chunked": (trl_chunked, None)}
     out["liger"] = liger()
     return out
 
