@@ -62,6 +62,7 @@ test-floors: $(FLOOR_VENV)/.installed
 bench: install
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,min,max,rounds
 	$(PY) -m bench.fused_linear
+	$(PY) -m bench.engine_scale
 
 clean:
 	rm -rf build *.egg-info trd_fast/_C*.so

@@ -111,6 +111,12 @@ class CacheIgnoringLM(torch.nn.Module):
     def device(self):
         return self.inner.device
 
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0, **kwargs):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=use_cache, logits_to_keep=logits_to_keep)
@@ -130,4 +136,4 @@ def test_generation_refuses_a_model_that_leaves_the_kv_cache_empty():
     with pytest.raises(RuntimeError, match=r"^student: the model did not fill the KV cache passed as \w+= "
                                            r"\(0 positions cached, 3 expected\)"):
         runner.generate(contexts, SamplingConfig(max_new_tokens=4, temperature=0.0),
-                        generator=torch.Generator().manual_seed(0), capture_logits=False)
+                        generator=torch.Generator().manual_seed(0), capture=False)

@@ -10,7 +10,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
 
 import trd_fast
 from trd_fast.integrations import DistillTrainer
-from trd_fast.integrations.lm_head import final_hidden_states
+from trd_fast.heads import final_hidden_states
 
 VOCAB = 48
 # Tiny causal LMs whose LM heads differ: (config, model class, what the architecture adds to h W^T)

@@ -75,7 +75,7 @@ RUN_BREAKERS = {
     "distill.temperature=.inf": "distill.temperature: must be finite, got inf",
     "optim.weight_decay=-0.1": "optim.weight_decay: must be >= 0, got -0.1",
     "optim.max_grad_norm=-.inf": "optim.max_grad_norm: must be finite",
-    "distill.dense_target_mb=-1": "distill.dense_target_mb: must be >= 0",
+    "run.memory_budget_mb=-1": "run.memory_budget_mb: must be >= 0",
     "distill.clip=.inf": "distill.clip: must be finite",
     "distill.prefix_weight=-1": "distill.prefix_weight: must be >= 0",
     "rollout.teacher_temperature=.inf": "rollout.teacher_temperature: must be finite",
@@ -165,3 +165,10 @@ def test_the_cli_exits_2_with_one_line_naming_the_key_before_any_work(tmp_path, 
     assert exit_.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"trd-fast train: error: config {key}: "), err
     assert not out.exists()
+
+
+def test_the_memory_budget_defaults_by_device():
+    from trd_fast.trainer.run.config import CPU_BUDGET_MB
+
+    assert load_config(None, BASE).budget_bytes == CPU_BUDGET_MB * 2**20
+    assert load_config(None, BASE + ["run.memory_budget_mb=2.5"]).budget_bytes == int(2.5 * 2**20)

@@ -1,5 +1,5 @@
 """Draft-verified generation (trainer/rollout/draft.py) on tiny random Llama and Qwen3 models and on the shipped
-task: greedy output and captured logits equal plain decoding for drafts accepted whole, not at all and in part;
+task: greedy output and captured hidden states equal plain decoding for drafts accepted whole, not at all and in part;
 sampled output follows the model's own filtered distribution; the counters add up and nothing is re-scored."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tiny_models import PAD, VOCAB, fresh, tiny_lm
+from tiny_models import PAD, VOCAB, fresh, implied, tiny_lm
 from trd_fast.tasks import ChainTask, checkpoint_dir
 from trd_fast.trainer.protocol import Tokenize
 from trd_fast.trainer.refine.modes import build_batch
@@ -77,7 +77,7 @@ def check_counters(counters, model, rollout, batch):
 def test_greedy_drafts_give_plain_decoding(model, tokens):
     xs = contexts()
     plain_runner = Runner(model, pad_id=PAD, eos_id=EOS, name="teacher")
-    plain = plain_runner.generate(xs, GREEDY, generator=torch.Generator(), capture_logits=True)
+    plain = plain_runner.generate(xs, GREEDY, generator=torch.Generator(), capture=True)
     ys = rows(plain)
     assert len({len(y) for y in ys}) > 1 or max(len(y) for y in ys) == GREEDY.max_new_tokens
     y = ys[2]
@@ -87,14 +87,14 @@ def test_greedy_drafts_give_plain_decoding(model, tokens):
                torch.cat([ys[3][:3], ys[3][5:8], torch.tensor([7, 8, 9]), ys[3][8:]])]  # a deletion, an insertion
     counted = Counted(model)
     runner = Runner(counted, pad_id=PAD, eos_id=EOS, name="teacher")
-    drafted = runner.generate(xs, GREEDY, generator=torch.Generator(), capture_logits=True,
+    drafted = runner.generate(xs, GREEDY, generator=torch.Generator(), capture=True,
                               drafter=Drafter(DraftConfig(tokens), sources, EOS))
     assert torch.equal(drafted.tokens, plain.tokens) and torch.equal(drafted.lengths, plain.lengths)
     assert torch.equal(drafted.finished, plain.finished)
-    torch.testing.assert_close(drafted.logits, plain.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(drafted.targets, plain.targets, atol=ATOL, rtol=0)
     torch.testing.assert_close(drafted.logprobs, plain.logprobs, atol=ATOL, rtol=0)
     for b, y in enumerate(ys):  # rejected draft slots never reach a later token: a one-pass forward agrees
-        torch.testing.assert_close(drafted.logits[b, :len(y)], fresh(model, xs[b], y), atol=ATOL, rtol=0)
+        torch.testing.assert_close(implied(model, drafted.targets[b]), fresh(model, xs[b], y), atol=ATOL, rtol=0)
     check_counters(runner.counters, counted, drafted, len(xs))
     assert 0 < runner.counters.accepted_tokens < runner.counters.draft_tokens
     assert runner.counters.forwards <= plain_runner.counters.forwards
@@ -106,16 +106,16 @@ def test_a_draft_accepted_whole_or_nowhere(model, tokens):
     token each); a draft of a token the output never holds is rejected everywhere and takes n forwards."""
     x = contexts(seed=1)[1:2]
     plain = Runner(model, pad_id=PAD, eos_id=-1, name="teacher").generate(
-        x, GREEDY, generator=torch.Generator(), capture_logits=True)
+        x, GREEDY, generator=torch.Generator(), capture=True)
     y = plain.tokens[0]
     n = len(y)
     for source, forwards, accepted in ((y, math.ceil(n / (tokens + 1)), None), (torch.full((n,), absent_token(y)), n, 0)):
         counted = Counted(model)
         runner = Runner(counted, pad_id=PAD, eos_id=-1, name="teacher")
-        out = runner.generate(x, GREEDY, generator=torch.Generator(), capture_logits=True,
+        out = runner.generate(x, GREEDY, generator=torch.Generator(), capture=True,
                               drafter=Drafter(DraftConfig(tokens), [source], -1))
         assert torch.equal(out.tokens, plain.tokens)
-        torch.testing.assert_close(out.logits, plain.logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out.targets, plain.targets, atol=ATOL, rtol=0)
         c = runner.counters
         assert c.forwards == forwards
         assert c.accepted_tokens == (n - forwards if accepted is None else accepted)
@@ -125,11 +125,11 @@ def test_a_draft_accepted_whole_or_nowhere(model, tokens):
 def test_the_ledger_keeps_rejected_drafts_on_their_own_branch(model):
     x = contexts(seed=2)[:1]
     plain = Runner(model, pad_id=PAD, eos_id=-1, name="teacher").generate(
-        x, GREEDY, generator=torch.Generator(), capture_logits=False)
+        x, GREEDY, generator=torch.Generator(), capture=False)
     y = plain.tokens[0]
     wrong = absent_token(y)
     runner = Runner(model, pad_id=PAD, eos_id=-1, name="teacher")
-    runner.generate(x, GREEDY, generator=torch.Generator(), capture_logits=False,
+    runner.generate(x, GREEDY, generator=torch.Generator(), capture=False,
                     drafter=Drafter(DraftConfig(4), [torch.cat([y[:3], torch.full((9,), wrong)])], -1))
     c = runner.counters
     assert c.rescore_tokens == 0 and c.draft_tokens > c.accepted_tokens == 3
@@ -178,7 +178,7 @@ def test_draft_arguments_are_checked(model):
             DraftConfig(**bad)
     runner = Runner(model, pad_id=PAD, eos_id=EOS, name="teacher")
     with pytest.raises(ValueError, match="drafter"):
-        runner.generate(contexts(), GREEDY, generator=torch.Generator(), capture_logits=False,
+        runner.generate(contexts(), GREEDY, generator=torch.Generator(), capture=False,
                         drafter=Drafter(DraftConfig(2), [torch.tensor([5])], EOS))
     with pytest.raises(ValueError, match="prefixes"):
         Drafter(DraftConfig(2), [torch.tensor([5])], EOS, prefixes=[0, 0])
@@ -187,12 +187,12 @@ def test_draft_arguments_are_checked(model):
 def teacher_rollout(model, xs, changes):
     """The model's own greedy rollout (no EOS), with token changes {row: {position: token}} planted in it."""
     plain = Runner(model, pad_id=PAD, eos_id=-1, name="student").generate(
-        xs, SamplingConfig(temperature=0.0, max_new_tokens=10), generator=torch.Generator(), capture_logits=False)
+        xs, SamplingConfig(temperature=0.0, max_new_tokens=10), generator=torch.Generator(), capture=False)
     tokens = plain.tokens.clone()
     for b, planted in changes.items():
         for p, t in planted.items():
             tokens[b, p] = t
-    return type(plain)(tokens=tokens, lengths=plain.lengths, logprobs=plain.logprobs, logits=None,
+    return type(plain)(tokens=tokens, lengths=plain.lengths, logprobs=plain.logprobs, targets=None,
                        finished=plain.finished)
 
 
@@ -205,8 +205,8 @@ def test_splice_continuation_with_drafts_equals_plain_decoding(model, chunk, tok
     xs = contexts(seed=4)
     rollout = teacher_rollout(model, xs, {0: {2: 5}, 1: {5: 6, 7: 7}, 3: {1: 8}})
 
-    def spike_at_1(start, stop, teacher_logits):
-        values = torch.zeros(teacher_logits.shape[:2])
+    def spike_at_1(start, stop, teacher_hidden):
+        values = torch.zeros(teacher_hidden.shape[:2])
         if start <= 1 < stop:
             values[:, 1 - start] = 1.0
         return values
@@ -218,10 +218,10 @@ def test_splice_continuation_with_drafts_equals_plain_decoding(model, chunk, tok
                     generator=torch.Generator(), draft=DraftConfig(tokens) if tokens else None)
     heads = [torch.cat([x, rollout.tokens[b, :1]]) for b, x in enumerate(xs)]
     expected = Runner(model, pad_id=PAD, eos_id=-1, name="plain").generate(
-        heads, sampling, generator=torch.Generator(), capture_logits=False)
+        heads, sampling, generator=torch.Generator(), capture=False)
     for b, y_r in enumerate(result.tokens):
         assert torch.equal(y_r, torch.cat([rollout.tokens[b, :1], expected.tokens[b]]))
-        torch.testing.assert_close(result.targets[b], fresh(model, xs[b], y_r), atol=ATOL, rtol=0)
+        torch.testing.assert_close(implied(model, result.targets[b]), fresh(model, xs[b], y_r), atol=ATOL, rtol=0)
     c = runner.counters
     assert c.rescore_forwards == c.rescore_tokens == 0
     assert c.prefill_tokens + c.decode_tokens + c.draft_tokens == counted.fed
@@ -296,10 +296,10 @@ def test_sampled_drafts_keep_the_sampling_distribution(sampling):
     sources = [torch.tensor(likely), torch.tensor([0, 1, 5]), torch.tensor([likely[0], 6, likely[2]])]
     runner = Runner(model, pad_id=PAD, eos_id=-1, name="teacher", vocab_size=vocab)
     xs = [context] * ROWS
-    plain = runner.generate(xs, sampling, generator=torch.Generator().manual_seed(11), capture_logits=False)
+    plain = runner.generate(xs, sampling, generator=torch.Generator().manual_seed(11), capture=False)
     drafted_runner = Runner(model, pad_id=PAD, eos_id=-1, name="teacher", vocab_size=vocab)
     drafted = drafted_runner.generate(xs, sampling, generator=torch.Generator().manual_seed(12),
-                                      capture_logits=False,
+                                      capture=False,
                                       drafter=Drafter(DraftConfig(2), [sources[i % 3] for i in range(ROWS)], -1))
     c = drafted_runner.counters
     assert 0.02 < c.acceptance < 0.98 and c.forwards <= runner.counters.forwards
@@ -355,5 +355,6 @@ def test_shipped_task_refinement_is_the_same_with_drafts(shipped, mode):
     if mode == "trd":   # the rewrite's targets are a one-pass teacher forward over (refine prompt, y_r)
         b = 0
         context = tokenize(task.refine_prompt(examples[b], tokenize.text(plain.originals[b]), False))
-        torch.testing.assert_close(batches[16].targets[b], fresh(engine.teacher.model, context,
-                                                                  batches[16].completions[b]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(implied(engine.teacher.model, batches[16].targets[b]),
+                                   fresh(engine.teacher.model, context, batches[16].completions[b]),
+                                   atol=1e-4, rtol=1e-4)

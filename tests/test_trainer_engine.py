@@ -1,5 +1,5 @@
 """The TRD engine end to end on tiny random models: every mode and teacher source trains, the teacher targets
-captured during refinement equal a fresh teacher forward, splices keep y_o's prefix, nothing is re-scored,
+captured during refinement give the logits of a fresh teacher forward, splices keep y_o's prefix, nothing is re-scored,
 resume reproduces the loss curve, and bad input stops with a clear error."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trd_fast
-from tiny_models import make_model, make_pair, make_tokenizer, write_jsonl
+from tiny_models import implied, make_model, make_pair, make_tokenizer, write_jsonl
 from trd_fast.tasks.jsonl import JsonlTask
 from trd_fast.trainer.protocol import Tokenize
 from trd_fast.trainer.refine.modes import BUILDERS, build_batch
@@ -59,6 +59,11 @@ def teacher_forward(model, context, completion):
     return logits[len(context) - 1:len(context) + len(completion) - 1].float()
 
 
+def heads_of(engine, budget_bytes=1 << 30):
+    """train_on's keyword arguments for the engine's models."""
+    return dict(teacher_head=engine.teacher_head, budget_bytes=budget_bytes)
+
+
 def test_every_configurable_mode_has_a_batch_builder():
     assert set(BUILDERS) == set(config_module.MODES) == set(MODES)
 
@@ -103,7 +108,7 @@ def test_captured_targets_equal_a_fresh_teacher_forward(models, tmp_path, mode, 
         else:
             context = tokenize(task.teacher_prompt(example, privileged))
         expected = teacher_forward(teacher_model, context, batch.completions[b])
-        torch.testing.assert_close(batch.targets[b], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(implied(teacher_model, batch.targets[b]), expected, atol=1e-4, rtol=1e-4)
         assert batch.weights[b].shape == batch.completions[b].shape
     if mode == "trd_splice":
         for b, k in enumerate(batch.cut.tolist()):
@@ -168,7 +173,7 @@ def test_gradient_accumulation_matches_one_batch(models, tmp_path):
     for pieces in (1, 3):
         model.zero_grad(set_to_none=True)
         result = train_on(model, batch, config.distill, micro_batches=pieces, epistemic_ids=torch.tensor([10]),
-                          inplace_backward=True)
+                          **heads_of(engine))
         losses.append(result.loss)
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -220,7 +225,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(model
 
 
 def test_sparse_teacher_targets_warn_in_trd(models, tmp_path):
-    config = make_config(models, tmp_path, distill={"mode": "trd", "dense_target_mb": 1e-6, "teacher_top_k": 4},
+    config = make_config(models, tmp_path, distill={"mode": "trd", "teacher_targets": "top_k", "teacher_top_k": 4},
                          optim={"steps": 1})
     with pytest.warns(UserWarning, match="full-vocabulary"):
         records = loop.train(config, JsonlTask(config.data))
@@ -319,10 +324,10 @@ def test_opd_baselines_select_their_loss(models, tmp_path, opd_loss):
     batch = batch_of(config, task, engine, list(task.examples("train", 4, 0)), seed=2)
     model = engine.student_model
     result = train_on(model, batch, config.distill, micro_batches=1, epistemic_ids=torch.tensor([10]),
-                      inplace_backward=False)
+                      **heads_of(engine))
     with torch.no_grad():
         student = torch.cat([teacher_forward(model, x, y) for x, y in zip(batch.contexts, batch.completions)])
-    teacher = torch.cat(batch.targets)
+    teacher = implied(engine.teacher.model, torch.cat(batch.targets))
     expected = trd_fast.distillation_loss(student.double(), teacher.double(), backend="torch", **OPD_LOSSES[opd_loss])
     assert result.loss == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
     # entropy and epistemic mass over the loss's support: the common columns (the teacher is padded), or top-k

@@ -1,6 +1,7 @@
-"""Runner.generate / Runner.score / splice on tiny random Llama and Qwen3 models: captured logits equal fresh
-forwards (padding, positions and KV reuse are exact), EOS stopping, determinism, the re-scoring ledger, and
-TRD-splice's failure points, refined rows, targets and token counts, in one pass and in chunks."""
+"""Runner.generate / Runner.score / splice on tiny random Llama and Qwen3 models: captured hidden states give
+the logits of fresh forwards (padding, positions and KV reuse are exact), EOS stopping, determinism, the
+re-scoring ledger, and TRD-splice's failure points, refined rows, targets and token counts, in one pass and in
+chunks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import trd_fast
-from tiny_models import PAD, VOCAB, fresh, tiny_lm
+from tiny_models import PAD, VOCAB, fresh, implied, tiny_lm
 from trd_fast.trainer.rollout.generation import Rollout, Runner, SamplingConfig
 from trd_fast.trainer.rollout.sampling import sample
 from trd_fast.trainer.refine.splice import splice
@@ -50,10 +51,10 @@ def rollout_with_early_eos(model, xs, seed=0, max_new=10, **sampling):
     or before its third token while the others go on (every row drew the same numbers up to that point)."""
     config = SamplingConfig(max_new_tokens=max_new, **sampling)
     probe = Runner(model, pad_id=PAD, eos_id=-1, name="probe")
-    first = probe.generate(xs, config, generator=torch.Generator().manual_seed(seed), capture_logits=False)
+    first = probe.generate(xs, config, generator=torch.Generator().manual_seed(seed), capture=False)
     eos = int(first.tokens[0, 2])
     runner = Runner(model, pad_id=PAD, eos_id=eos, name="student")
-    out = runner.generate(xs, config, generator=torch.Generator().manual_seed(seed), capture_logits=True)
+    out = runner.generate(xs, config, generator=torch.Generator().manual_seed(seed), capture=True)
     return runner, out, eos
 
 
@@ -62,15 +63,15 @@ def test_generate_captures_exact_logits(student):
     runner, out, eos = rollout_with_early_eos(student, xs, top_k=20, top_p=0.95)
     lengths = out.lengths.tolist()
     assert lengths[0] <= 3 and out.finished[0] and max(lengths) == 10
-    assert out.tokens.shape == out.logprobs.shape == out.logits.shape[:2] == (4, 10)
+    assert out.tokens.shape == out.logprobs.shape == (4, 10)
     for b, n in enumerate(lengths):
         y = out.tokens[b, :n]
         expected = fresh(student, xs[b], y)
-        torch.testing.assert_close(out.logits[b, :n], expected, atol=ATOL, rtol=0)
+        assert out.targets[b].shape == (n, student.config.hidden_size)
+        torch.testing.assert_close(implied(student, out.targets[b]), expected, atol=ATOL, rtol=0)
         logp = torch.log_softmax(expected, -1).gather(-1, y[:, None])[:, 0]
         torch.testing.assert_close(out.logprobs[b, :n], logp, atol=ATOL, rtol=0)
         assert (out.tokens[b, n:] == PAD).all() and (out.logprobs[b, n:] == 0).all()
-        assert (out.logits[b, n:] == 0).all()
         assert bool(out.finished[b]) == (int(y[-1]) == eos)
         assert (y[:-1] != eos).all()
     c = runner.counters
@@ -83,16 +84,16 @@ def test_generate_is_deterministic_and_greedy_is_argmax(student):
     xs = contexts(seed=1)
     runner = Runner(student, pad_id=PAD, eos_id=EOS, name="student")
     config = SamplingConfig(temperature=0.7, max_new_tokens=8)
-    a, b, c = (runner.generate(xs, config, generator=torch.Generator().manual_seed(s), capture_logits=False)
+    a, b, c = (runner.generate(xs, config, generator=torch.Generator().manual_seed(s), capture=False)
                for s in (5, 5, 6))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
     assert not torch.equal(a.tokens, c.tokens)
     greedy = runner.generate(xs, SamplingConfig(temperature=0.0, max_new_tokens=8),
-                             generator=torch.Generator().manual_seed(0), capture_logits=True)
+                             generator=torch.Generator().manual_seed(0), capture=True)
     for b, n in enumerate(greedy.lengths.tolist()):
-        assert torch.equal(greedy.tokens[b, :n], greedy.logits[b, :n].argmax(-1))
+        assert torch.equal(greedy.tokens[b, :n], implied(student, greedy.targets[b]).argmax(-1))
     one = runner.generate(xs, SamplingConfig(temperature=0.0, max_new_tokens=1), generator=torch.Generator(),
-                          capture_logits=False, progress="rollout")
+                          capture=False, progress="rollout")
     assert torch.equal(one.tokens, greedy.tokens[:, :1]) and (one.lengths == 1).all()
 
 
@@ -118,9 +119,9 @@ def test_score_matches_fresh_forwards_and_ledger_counts_rescoring(student):
     ys = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 1, 6, 0)]
     runner = Runner(student, pad_id=PAD, eos_id=EOS, name="teacher")
     scored = runner.score(xs, ys)
-    assert scored.shape == (4, 6, VOCAB)
+    assert scored.shape == (4, 6, student.config.hidden_size)
     for b, y in enumerate(ys):
-        torch.testing.assert_close(scored[b, :len(y)], fresh(student, xs[b], y), atol=ATOL, rtol=0)
+        torch.testing.assert_close(implied(student, scored[b, :len(y)]), fresh(student, xs[b], y), atol=ATOL, rtol=0)
         assert (scored[b, len(y):] == 0).all()
     fed = sum(len(x) + max(len(y) - 1, 0) for x, y in zip(xs, ys))
     assert runner.counters.prefill_tokens == fed and runner.counters.rescore_tokens == 0
@@ -138,7 +139,7 @@ def test_ledger_after_generate(student):
     same = [xs[0], xs[0]]
     runner = Runner(student, pad_id=PAD, eos_id=EOS, name="student")
     out = runner.generate(same, SamplingConfig(max_new_tokens=6), generator=torch.Generator().manual_seed(0),
-                          capture_logits=False, row_ids=[7, 7])
+                          capture=False, row_ids=[7, 7])
     assert runner.counters.rescore_tokens == 0  # two rows of one forward do not count each other
     ys = rows(out.tokens, out.lengths)
     runner.score([xs[0]], [ys[0]], row_ids=[7])
@@ -159,14 +160,14 @@ def planted_rollout(xs):
         if k is not None:
             offset[b, k] = 1000.0
     rollout = Rollout(tokens=tokens, lengths=torch.tensor(lengths), logprobs=torch.zeros(tokens.shape),
-                      logits=None, finished=torch.zeros(len(lengths), dtype=torch.bool))
+                      targets=None, finished=torch.zeros(len(lengths), dtype=torch.bool))
     return rollout, offset
 
 
-def nll_signal(rollout, offset=None):
-    """The teacher's NLL of each y_o token (plus a planted offset)."""
-    def signal(start, stop, teacher_logits):
-        nll = -trd_fast.token_logprobs(teacher_logits, rollout.tokens[:, start:stop])
+def nll_signal(rollout, teacher, offset=None):
+    """The teacher's NLL of each y_o token (plus a planted offset) from its hidden states."""
+    def signal(start, stop, teacher_hidden):
+        nll = -trd_fast.token_logprobs(implied(teacher, teacher_hidden), rollout.tokens[:, start:stop])
         return nll if offset is None else nll + offset[:, start:stop]
     return signal
 
@@ -191,7 +192,7 @@ def test_splice(teacher, chunk):
     expected_cut = trd_fast.prefix_scan(full, rollout.lengths, threshold=0.0, window=2)[1]
     assert expected_cut.tolist() == [3, 7, 8, 6, 1]
     runner = Runner(teacher, pad_id=PAD, eos_id=EOS, name="teacher", vocab_size=VOCAB)
-    result = splice(runner, xs, rollout, nll_signal(rollout, offset), threshold=0.0, window=2, chunk=chunk,
+    result = splice(runner, xs, rollout, nll_signal(rollout, teacher, offset), threshold=0.0, window=2, chunk=chunk,
                     sampling=SamplingConfig(max_new_tokens=7), generator=torch.Generator().manual_seed(0))
     assert torch.equal(result.cut, expected_cut)
     assert result.failed.tolist() == [False, True, True, True, True]
@@ -200,7 +201,7 @@ def test_splice(teacher, chunk):
     prefill = decode = 0
     for b, (y_o, y_r, k, scored) in enumerate(zip(ys, result.tokens, result.cut.tolist(), expected_scored)):
         assert torch.equal(y_r[:k], y_o[:k])
-        torch.testing.assert_close(result.targets[b], fresh(teacher, xs[b], y_r), atol=ATOL, rtol=0)
+        torch.testing.assert_close(implied(teacher, result.targets[b]), fresh(teacher, xs[b], y_r), atol=ATOL, rtol=0)
         torch.testing.assert_close(result.signal[b, :scored], full[b, :scored], atol=1e-4, rtol=0)
         assert (result.signal[b, scored:] == 0).all()
         if result.failed[b]:
@@ -223,10 +224,10 @@ def test_splice_where_the_teacher_agrees_feeds_nothing_twice(student, chunk):
     xs = contexts(seed=5)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=6)
     rollout = Runner(student, pad_id=PAD, eos_id=-1, name="student").generate(
-        xs, greedy, generator=torch.Generator(), capture_logits=False)
+        xs, greedy, generator=torch.Generator(), capture=False)
 
-    def spike_at_1(start, stop, teacher_logits):
-        values = torch.zeros(teacher_logits.shape[:2])
+    def spike_at_1(start, stop, teacher_hidden):
+        values = torch.zeros(teacher_hidden.shape[:2])
         if start <= 1 < stop:
             values[:, 1 - start] = 1.0
         return values
@@ -238,7 +239,7 @@ def test_splice_where_the_teacher_agrees_feeds_nothing_twice(student, chunk):
     assert (result.cut == 1).all() and result.failed.all()
     for b, y_r in enumerate(result.tokens):
         assert len(y_r) == 1 + 9 and torch.equal(y_r[:6], rollout.tokens[b])
-        torch.testing.assert_close(result.targets[b], fresh(student, xs[b], y_r), atol=ATOL, rtol=0)
+        torch.testing.assert_close(implied(student, result.targets[b]), fresh(student, xs[b], y_r), atol=ATOL, rtol=0)
     c = runner.counters
     scored = result.scored.tolist()
     assert scored == [6] * 4 if chunk is None else scored == [3] * 4
@@ -251,16 +252,16 @@ def test_splice_rejects_bad_arguments(student):
     xs = contexts()
     runner = Runner(student, pad_id=PAD, eos_id=EOS, name="teacher")
     rollout = runner.generate(xs, SamplingConfig(max_new_tokens=3), generator=torch.Generator(),
-                              capture_logits=False)
+                              capture=False)
     kwargs = dict(threshold=1.0, window=1, chunk=None, sampling=SamplingConfig(), generator=torch.Generator())
     with pytest.raises(ValueError, match="contexts"):
-        splice(runner, xs[:2], rollout, nll_signal(rollout), **kwargs)
+        splice(runner, xs[:2], rollout, nll_signal(rollout, student), **kwargs)
     with pytest.raises(ValueError, match="chunk"):
-        splice(runner, xs, rollout, nll_signal(rollout), **{**kwargs, "chunk": 0})
+        splice(runner, xs, rollout, nll_signal(rollout, student), **{**kwargs, "chunk": 0})
     with pytest.raises(ValueError, match="signal_fn"):
-        splice(runner, xs, rollout, lambda start, stop, logits: logits[:, :, 0].sum(-1), **kwargs)
+        splice(runner, xs, rollout, lambda start, stop, hidden: hidden[:, :, 0].sum(-1), **kwargs)
     with pytest.raises(ValueError, match=r"contexts\[1\]"):
-        runner.generate([xs[0], xs[1][:0]], SamplingConfig(), generator=torch.Generator(), capture_logits=False)
+        runner.generate([xs[0], xs[1][:0]], SamplingConfig(), generator=torch.Generator(), capture=False)
 
 
 def test_sliding_window_models_are_refused():
@@ -272,4 +273,4 @@ def test_sliding_window_models_are_refused():
     runner = Runner(Qwen2ForCausalLM(config).eval(), pad_id=PAD, eos_id=EOS, name="teacher")
     with pytest.raises(ValueError, match="teacher: only full-attention"):
         runner.generate(contexts(), SamplingConfig(max_new_tokens=2), generator=torch.Generator(),
-                        capture_logits=False)
+                        capture=False)

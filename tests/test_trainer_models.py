@@ -1,4 +1,5 @@
-"""Loading student and teacher directories, tokenizer agreement, and the student's packed training forward."""
+"""Loading student and teacher directories, tokenizer agreement, and the student's packed training forward
+(hidden states)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trd_fast.trainer.run.loading import (attention_implementation, check_tokenizers_agree, load_causal_lm,
                                           load_tokenizer)
-from trd_fast.trainer.train.forward import _packed, _padded, packed_logits
+from trd_fast.trainer.train.forward import _packed, _padded, packed_hidden
 
 VOCAB = 61
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -42,7 +43,7 @@ WORDS = ["<pad>", "<unk>", "</s>", "a", "b", "c", "d"]
 
 
 def per_row(model, rows, keep):
-    return torch.cat([model(input_ids=r[None]).logits[0, k] for r, k in zip(rows, keep)])
+    return torch.cat([model.get_decoder()(input_ids=r[None]).last_hidden_state[0, k] for r, k in zip(rows, keep)])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -52,25 +53,26 @@ def test_packed_and_padded_forwards_equal_per_row_forwards(family):
     rows = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (5, 12, 1, 8)]
     keep = [torch.tensor([1, 3, 4]), torch.arange(4, 11), torch.tensor([0]), torch.tensor([], dtype=torch.int64)]
     with torch.no_grad():
-        expected = per_row(model, rows, keep)                                      # [11, V]
-    for forward in (_packed, _padded, packed_logits):
-        logits = forward(model, rows, keep)
-        assert logits.shape == (11, VOCAB) and logits.requires_grad
-        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
-    packed_logits(model, rows, keep).sum().backward()
-    assert model.lm_head.weight.grad is not None
+        expected = per_row(model, rows, keep)                                      # [11, H]
+    for forward in (_packed, _padded, packed_hidden):
+        hidden = forward(model, rows, keep)
+        assert hidden.shape == (11, 32) and hidden.requires_grad
+        torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=0)
+    packed_hidden(model, rows, keep).sum().backward()
+    assert model.model.norm.weight.grad is not None
+    assert model.lm_head.weight.grad is None  # the head ran on no position
 
 
-def test_packed_logits_rejects_bad_keep():
+def test_packed_hidden_rejects_bad_keep():
     model = tiny_lm("llama")
     rows = [torch.arange(4), torch.arange(3)]
     for keep, match in (([torch.tensor([0, 4]), torch.tensor([1])], r"keep\[0\]"),
                         ([torch.tensor([0]), torch.tensor([2, 1])], r"keep\[1\]"),
                         ([torch.tensor([0])], "one length")):
         with pytest.raises(ValueError, match=match):
-            packed_logits(model, rows, keep)
+            packed_hidden(model, rows, keep)
     with pytest.raises(ValueError, match=r"rows\[1\]"):
-        packed_logits(model, [torch.arange(4), torch.arange(0)], [torch.tensor([0]), torch.tensor([0])])
+        packed_hidden(model, [torch.arange(4), torch.arange(0)], [torch.tensor([0]), torch.tensor([0])])
 
 
 def test_attention_implementation():

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from tiny_models import make_model, make_tokenizer, write_jsonl
+from trd_fast.heads import LMHead
+from trd_fast.trainer.rollout.capture import Capture
 from trd_fast.tasks.jsonl import JsonlTask
 from trd_fast.trainer.train.batch import Batch
 from trd_fast.trainer.run import loop
@@ -62,18 +64,21 @@ def student_logits(model, batch: Batch) -> torch.Tensor:
     return torch.cat(rows)                                                              # [n, V_s]
 
 
-def random_batch(vocab: int, teacher_vocab: int) -> Batch:
+def random_batch(vocab: int, teacher_vocab: int, sparse_k: int | None) -> tuple[Batch, LMHead]:
+    """Random rows whose targets are random teacher hidden states through a random teacher head (as hidden
+    states, or as its top-`sparse_k` log-probs among the student's ids), and that head."""
     generator = torch.Generator().manual_seed(0)
     contexts = [torch.randint(4, vocab, (n,), generator=generator) for n in (3, 5, 4)]
     completions = [torch.randint(4, vocab, (n,), generator=generator) for n in (4, 6, 5)]
-    targets = []
-    for y in completions:
-        t = 3 * torch.randn(len(y), teacher_vocab, generator=generator)                # [len, V_t]
-        t[:, EPISTEMIC] += 3.0
-        t[:, vocab:] += 25.0  # padded columns that would swamp every probability if they counted
-        targets.append(t)
+    bias = torch.zeros(teacher_vocab)
+    bias[EPISTEMIC] += 3.0
+    bias[vocab:] += 25.0  # padded columns that would swamp every probability if they counted
+    head = LMHead(torch.randn(teacher_vocab, 16, generator=generator), bias, 1.0, None)
+    capture = Capture(top_k=sparse_k or 0, columns=vocab)
+    targets = [capture.target(capture.parts(torch.randn(len(y), 16, generator=generator), None, head))
+               for y in completions]
     return Batch(contexts=contexts, completions=completions, targets=targets,
-                 weights=[torch.ones(len(y)) for y in completions], originals=completions, cut=None)
+                 weights=[torch.ones(len(y)) for y in completions], originals=completions, cut=None), head
 
 
 @pytest.mark.parametrize("padded", ["teacher", "student"])
@@ -83,14 +88,16 @@ def test_step_metrics_use_the_loss_support(root, padded, loss, sparse):
     student = load_causal_lm(root / ("student_padded" if padded == "student" else "student"), role="student")
     vocab = 56  # the tokenizer's size
     teacher_vocab = vocab + 40 if padded == "teacher" else vocab
-    batch = random_batch(vocab, teacher_vocab)
+    batch, teacher_head = random_batch(vocab, teacher_vocab, 7 if sparse else None)
+    dense_targets = random_batch(vocab, teacher_vocab, None)[0].targets
     d = DistillConfig(mode="opd", opd_loss=loss, loss_top_k=5, teacher_top_k=7,
-                      dense_target_mb=1e-9 if sparse else 2048.0)
+                      teacher_targets="top_k" if sparse else "hidden")
     logits = student_logits(student, batch)
-    result = train_on(student, batch, d, micro_batches=2, epistemic_ids=EPISTEMIC, inplace_backward=False)
+    result = train_on(student, batch, d, micro_batches=2, epistemic_ids=EPISTEMIC, teacher_head=teacher_head,
+                      budget_bytes=4096)  # a few rows per logit block
     assert result.sparse_targets is sparse
     top_k = 7 if sparse else (5 if loss == "top_k_reverse_kl" else None)
-    entropy, mass = expected_stats(logits, torch.cat(batch.targets), top_k=top_k)
+    entropy, mass = expected_stats(logits, teacher_head.logits(torch.cat(dense_targets)), top_k=top_k)
     assert result.entropy == pytest.approx(entropy, rel=1e-5)
     assert result.epistemic_mass == pytest.approx(mass, rel=1e-5)
     assert 1e-3 < mass < 1  # the epistemic tokens hold real mass on the support

@@ -95,3 +95,11 @@ def fresh(model, context, completion):
     with torch.no_grad():
         logits = model(input_ids=torch.cat([context, completion])[None]).logits[0].float()
     return logits[len(context) - 1:len(context) + len(completion) - 1]
+
+
+def implied(model, hidden):
+    """[n, V] fp32 logits the final hidden states [n, H] give through the model's LM head (a target as logits)."""
+    from trd_fast.heads import lm_head
+
+    with torch.no_grad():
+        return lm_head(model).logits(hidden).float()

@@ -30,11 +30,13 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from trd_fast.constants import IGNORE_INDEX
 from trd_fast.dependencies import check_version
-from trd_fast.integrations.lm_head import check_lm_head, final_hidden_states, lm_head
+from trd_fast.heads import check_lm_head, final_hidden_states, lm_head
 from trd_fast.losses import DistillationLoss
 from trd_fast.ops import fused_linear_distillation_loss
 
 check_version("transformers", transformers.__version__, "trd_fast.integrations.hf")
+
+REMEDY = "train on logits instead (fused_linear=False)"  # what a model whose head cannot be fused can do
 
 
 class DistillTrainer(transformers.Trainer):
@@ -93,8 +95,8 @@ class DistillTrainer(transformers.Trainer):
         student = self.accelerator.unwrap_model(model)
         student_head, teacher_head = lm_head(student, "model"), lm_head(self.teacher_model, "teacher_model")
         if not self._heads_checked:
-            check_lm_head(student, student_head, inputs, "model")
-            check_lm_head(self.teacher_model, teacher_head, inputs, "teacher_model")
+            check_lm_head(student, student_head, inputs, "model", remedy=REMEDY)
+            check_lm_head(self.teacher_model, teacher_head, inputs, "teacher_model", remedy=REMEDY)
             self._heads_checked = True
         hidden = final_hidden_states(student, inputs, wrapper=model)  # [B, T, H_s]
         with torch.no_grad():

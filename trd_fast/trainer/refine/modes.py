@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from trd_fast.trainer.refine.blocks import join, split_rows
 from trd_fast.trainer.refine.opd import opd_batch
 from trd_fast.trainer.refine.request import BatchRequest, PhaseTimes
 from trd_fast.trainer.refine.rewrite import rewrite_batch
@@ -12,5 +13,7 @@ BUILDERS = {"opd": opd_batch, "trd": rewrite_batch, "trd_splice": splice_batch}
 
 
 def build_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
-    """The configured mode's batch of the request's examples, and the time of each phase."""
-    return BUILDERS[request.config.distill.mode](request)
+    """The configured mode's batch of the request's examples, and the time of each phase: built in row blocks
+    that fit run.memory_budget_mb (refine/blocks.py), joined in row order."""
+    builder = BUILDERS[request.config.distill.mode]
+    return join([builder(block) for block in split_rows(request)])

@@ -60,19 +60,19 @@ class PhaseTimes:
 @dataclass(frozen=True)
 class StudentRollout:
     contexts: list[Tensor]   # the student's context x per row, 1-D int64
-    rollout: Rollout         # its samples y_o (with their raw logits when captured)
+    rollout: Rollout         # its samples y_o (with their final hidden states when captured)
     y_o: list[Tensor]        # y_o per row, 1-D int64 of its length
     seconds: float           # the rollout's wall time
 
 
-def student_rollout(request: BatchRequest, *, capture_logits: bool) -> StudentRollout:
-    """The student samples y_o after each example's student prompt (`capture_logits`: keep its raw logits)."""
+def student_rollout(request: BatchRequest, *, capture: bool) -> StudentRollout:
+    """The student samples y_o after each example's student prompt (`capture`: keep its final hidden states)."""
     r = request.config.rollout
     contexts = [request.tokenize(request.task.student_prompt(e)) for e in request.examples]
     sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_new_tokens)
     start = time.perf_counter()
     rollout = request.student.generate(contexts, sampling, generator=request.generator,
-                                       capture_logits=capture_logits, progress=request.progress("rollout"),
+                                       capture=capture, progress=request.progress("rollout"),
                                        row_ids=request.row_ids)
     return StudentRollout(contexts, rollout, rollout.rows(), time.perf_counter() - start)

@@ -1,5 +1,6 @@
 """trd (the paper's refinement): the teacher rewrites each rollout y_o into y_r from a refine prompt holding it;
-the student trains on (x, y_r) against the logits the teacher produced while generating y_r (no re-scoring).
+the student trains on (x, y_r) against the teacher's forwards that generated y_r (their final hidden states, or
+top-k; no re-scoring).
 With distill.draft_tokens the teacher verifies y_o as a draft of y_r (rollout/draft.py): the same y_r, in fewer
 forwards."""
 
@@ -17,18 +18,18 @@ from trd_fast.trainer.train.batch import Batch
 
 def rewrite_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
     """The trd batch of the request's examples (every y_r token weighted 1) and the time of each phase."""
-    student = student_rollout(request, capture_logits=False)
+    student = student_rollout(request, capture=False)
     tokenize, y_o = request.tokenize, student.y_o
     start = time.perf_counter()
     refine_contexts = [tokenize(request.task.refine_prompt(e, tokenize.text(y), request.privileged))
                        for e, y in zip(request.examples, y_o)]
     draft = request.teacher_draft()
     rewrite = request.teacher.generate(refine_contexts, request.teacher_sampling(), generator=request.generator,
-                                       capture_logits=True, progress=request.progress("rewrite"),
+                                       capture=True, progress=request.progress("rewrite"),
                                        row_ids=request.row_ids,
                                        drafter=Drafter(draft, y_o, request.teacher.eos_id) if draft else None)
     y_r = rewrite.rows()
-    targets = [rewrite.logits[b, :len(y)] for b, y in enumerate(y_r)]
+    targets = rewrite.targets
     weights = [torch.ones(len(y)) for y in y_r]
     times = PhaseTimes(rollout=student.seconds, refine=time.perf_counter() - start)
     stats = refinement_stats(request.task, tokenize, request.examples, y_o, y_r)

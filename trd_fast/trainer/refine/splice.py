@@ -1,9 +1,10 @@
 """TRD-splice: the teacher scores the student's rollout y_o once, a prefix scan of a per-token signal finds each
 row's failure point k, and the teacher continues from k on its own prefix KV cache: y_r = y_o[:k] + its tokens.
 
-The teacher never feeds a token twice. Scoring feeds context + y_o[:n - 1] for the n positions it scores; the
-continuation samples its first token from the scoring logits at k and, while it draws y_o's own token and the
-next scoring logits exist, keeps sampling from those (they are what a forward would compute); the first token
+The teacher never feeds a token twice. Scoring feeds context + y_o[:n - 1] for the n positions it scores and keeps
+their final hidden states (no logits: the signal applies the LM head in row blocks); the continuation samples its
+first token from the logits of the scoring hidden state at k and, while it draws y_o's own token and the next
+scoring hidden state exists, keeps sampling from those (they are what a forward would compute); the first token
 that differs from y_o, or runs past the scored positions, is fed on the cache cut back to context + y_r[:p].
 With a draft config, the continuation from there verifies drafts from y_o (rollout/draft.py): they start
 after that token, so never at a position scoring already fed.
@@ -18,13 +19,15 @@ import torch
 from torch import Tensor
 
 import trd_fast
+from trd_fast.trainer.rollout.capture import Target, concat_targets
 from trd_fast.trainer.rollout.draft import DraftConfig, Drafter, verify_decode
 from trd_fast.trainer.rollout.generation import Rollout, Runner, resolve_row_ids
 from trd_fast.trainer.rollout.kv_cache import CachedBatch, realign
 from trd_fast.trainer.rollout.sampling import SamplingConfig
 from trd_fast.trainer.rollout.trace import Trace
 
-# (start, stop, teacher logits [B, stop - start, V] for y_o positions [start, stop)) -> signal [B, stop - start]
+# (start, stop, teacher final hidden states [B, stop - start, H] for y_o positions [start, stop)) -> signal
+# [B, stop - start]
 SignalFn = Callable[[int, int, Tensor], Tensor]
 
 
@@ -33,7 +36,7 @@ class Splice:
     cut: Tensor           # [B] int64 failure point k per row (== len(y_o[b]) when the row has no failure)
     failed: Tensor        # [B] bool
     tokens: list[Tensor]  # y_r per row: y_o[b][:k] followed by the teacher's continuation (y_o[b] when no failure)
-    targets: list[Tensor] # per row [len(y_r[b]), V] fp32 teacher raw logits predicting each y_r token
+    targets: list[Target] # per row the teacher's target of each y_r token (its capture's: hidden states or top-k)
     signal: Tensor        # [B, L] fp32 the per-token signal on y_o at the scored positions, 0 beyond
     scored: Tensor        # [B] int64 how many y_o positions the teacher scored per row
 
@@ -43,7 +46,7 @@ class _Scoring:
     signal: Tensor                                # [B, L] fp32, 0 beyond `scored`
     scored: Tensor                                # [B] int64 y_o positions scored per row
     cut: Tensor                                   # [B] int64 failure point, == len(y_o) when none
-    logits: list[Tensor]                          # per row [scored, V] fp32 scoring logits
+    hidden: list[Tensor]                          # per row [scored, H] the teacher's scoring hidden states
     caches: dict[int, tuple[CachedBatch, int]]    # failed row -> (batch, its row there): context + y_o[:scored - 1]
 
 
@@ -53,10 +56,11 @@ def splice(teacher: Runner, contexts: Sequence[Tensor], rollout: Rollout, signal
            generator: torch.Generator, row_ids: Sequence[int] | None = None,
            progress: str | None = None, draft: DraftConfig | None = None) -> Splice:
     """Score each rollout row with the teacher after its own context, find k = prefix_scan(signal).first, and
-    let the teacher continue the failed rows from k (targets: scoring logits for positions <= k, generation
-    logits after). With `chunk`, y_o is scored `chunk` tokens at a time on the KV cache and a row stops being
-    scored once its failure point is found; None scores everything in one pass. With `draft` (tokens > 0) the
-    continuation verifies drafts from y_o: the same tokens when greedy, the same distribution when sampled."""
+    let the teacher continue the failed rows from k (targets: kept from its scoring forwards for positions < k,
+    from its generating forwards after). With `chunk`, y_o is scored `chunk` tokens at a time on the KV cache
+    and a row stops being scored once its failure point is found; None scores everything in one pass. With
+    `draft` (tokens > 0) the continuation verifies drafts from y_o: the same tokens when greedy, the same
+    distribution when sampled."""
     contexts = teacher.inputs(contexts)
     if len(contexts) != len(rollout.tokens):
         raise ValueError(f"contexts: {len(contexts)} rows for a rollout of {len(rollout.tokens)}")
@@ -94,13 +98,13 @@ def _score(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], width: in
             heads = [y_o[b][:0] for b in active]
             tails = [y_o[b][start - 1:end - 1] for b, end in zip(active, ends)]
             history = [torch.cat([contexts[b], y_o[b][:start - 1]]).tolist() for b in active]
-        logits, state = teacher.prefill([rows[b] for b in active], heads, tails, keep=stop - start, state=state,
-                                        history=history)             # [A, stop - start, V], slot j = start + j
+        hidden, state = teacher.prefill([rows[b] for b in active], heads, tails, keep=stop - start, state=state,
+                                        history=history)             # [A, stop - start, H], slot j = start + j
         index = torch.tensor(active, device=device)
         valid = torch.arange(stop - start, device=device) < (torch.tensor(ends, device=device) - start)[:, None]
-        logits.masked_fill_(~valid[..., None], 0.0)
-        block = logits if len(active) == count else logits.new_zeros(count, *logits.shape[1:]).index_copy_(
-            0, index, logits)                                             # [B, stop - start, V]
+        hidden.masked_fill_(~valid[..., None], 0.0)
+        block = hidden if len(active) == count else hidden.new_zeros(count, *hidden.shape[1:]).index_copy_(
+            0, index, hidden)                                             # [B, stop - start, H]
         values = signal_fn(start, stop, block)
         if tuple(values.shape) != (count, stop - start):
             raise ValueError(f"signal_fn must return [{count}, {stop - start}] for positions [{start}, {stop}), "
@@ -108,7 +112,7 @@ def _score(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], width: in
         signal[index, start:stop] = torch.where(valid, values[index].float(), 0.0)
         scored[index] = torch.tensor(ends, device=device)
         for i, (b, end) in enumerate(zip(active, ends)):
-            pieces[b].append(logits[i, :end - start])
+            pieces[b].append(hidden[i, :end - start])
         _, first = trd_fast.prefix_scan(signal[:, :stop], scored, threshold=threshold, window=window)
         found = (first[index] < scored[index]).tolist()
         left = [i for i, b in enumerate(active) if not found[i] and ends[i] < lengths[b]]
@@ -121,19 +125,18 @@ def _score(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], width: in
             state = state.select(torch.tensor(left, device=device))
         active, start = [active[i] for i in left], stop
     _, cut = trd_fast.prefix_scan(signal, scored, threshold=threshold, window=window)
-    logits = [p[0] if len(p) == 1 else torch.cat(p) for p in pieces]
-    some = next((p for p in logits if len(p)), None)
-    vocab = some.shape[-1] if some is not None else teacher.model.config.vocab_size
-    logits = [p if len(p) else torch.zeros(0, vocab, device=device) for p in logits]
-    return _Scoring(signal=signal, scored=scored, cut=cut, logits=logits, caches=caches)
+    empty = teacher.head.weight.new_zeros(0, teacher.head.weight.shape[1])                  # [0, H]
+    hidden = [torch.cat(p) if p else empty for p in pieces]
+    return _Scoring(signal=signal, scored=scored, cut=cut, hidden=hidden, caches=caches)
 
 
 def _continue(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], scoring: _Scoring, failed: Tensor,
               sampling: SamplingConfig, generator: torch.Generator, rows: list[int], progress: str | None,
               draft: DraftConfig | None) -> tuple[list[Tensor], list[Tensor]]:
     """y_r and targets per row: the failed rows continued from their cut, the others as scored."""
-    y_r, targets = list(y_o), list(scoring.logits)
     fails = failed.nonzero()[:, 0].tolist()
+    y_r = list(y_o)
+    targets = [None if b in fails else teacher.targets(h) for b, h in enumerate(scoring.hidden)]
     if not fails:
         return y_r, targets
     device = teacher.device
@@ -142,10 +145,10 @@ def _continue(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], scorin
     scored = scoring.scored[fails]                                    # [F]
     last = torch.zeros(len(fails), dtype=torch.int64, device=device)  # [F] the token each row drew last
     replaying, needs = torch.arange(len(fails), device=device), []
-    while len(replaying):   # draw from the scoring logits while the teacher agrees with y_o
+    while len(replaying):   # draw from the scoring hidden states while the teacher agrees with y_o
         at = position[replaying]
-        raw = torch.stack([scoring.logits[fails[i]][p] for i, p in zip(replaying.tolist(), at.tolist())])
-        drawn = teacher.draw(trace, replaying, raw, sampling, generator, capture=True)
+        hidden = torch.stack([scoring.hidden[fails[i]][p] for i, p in zip(replaying.tolist(), at.tolist())])
+        drawn = teacher.draw(trace, replaying, hidden, sampling, generator, capture=True)
         last[replaying] = drawn
         going = (drawn != teacher.eos_id) & (trace.lengths[replaying] < sampling.max_new_tokens)
         same = torch.tensor([int(y_o[fails[i]][p]) for i, p in zip(replaying.tolist(), at.tolist())],
@@ -166,10 +169,10 @@ def _continue(teacher: Runner, contexts: list[Tensor], y_o: list[Tensor], scorin
         else:
             teacher.decode(state, trace, needs, last, budget, sampling, generator, capture=True,
                            progress=progress)
-    drawn_tokens, drawn_logits = trace.tokens(teacher.pad_id), trace.take_logits()
+    drawn_tokens, drawn_targets = trace.tokens(teacher.pad_id), teacher.kept_targets(trace)
     for i, (b, n, k) in enumerate(zip(fails, trace.lengths.tolist(), scoring.cut[fails].tolist())):
         y_r[b] = torch.cat([y_o[b][:k], drawn_tokens[i, :n]])
-        targets[b] = torch.cat([scoring.logits[b][:k], drawn_logits[i, :n]])
+        targets[b] = concat_targets([teacher.targets(scoring.hidden[b][:k]), drawn_targets[i]])
     if draft is not None and draft.tokens:
         return y_r, targets   # the verifying forwards were recorded in the ledger as they were fed
     teacher.account_decode([rows[fails[i]] for i in needs.tolist()],

@@ -44,6 +44,29 @@ def splice_stats(result: Splice) -> dict[str, float]:
             "teacher_scored_tokens": float(result.scored.sum().item())}
 
 
+def combine_stats(parts: list[dict[str, float]], rows: list[int]) -> dict[str, float]:
+    """The statistics of all rows from those of row groups (rows[i]: group i's rows): teacher_scored_tokens
+    added up, splice_position averaged over the groups' failed rows, every other statistic over their rows; a
+    statistic some group lacks (accuracies, where a row cannot be verified) is left out, as for one group."""
+    out = {}
+    for key in [k for k in parts[0] if all(k in p for p in parts)]:
+        values = [p[key] for p in parts]
+        if key == "teacher_scored_tokens":
+            out[key] = sum(values)
+        elif key == "splice_position":
+            out[key] = splice_position_over([p["failure_rate"] * n for p, n in zip(parts, rows)], values)
+        else:
+            out[key] = sum(v * n for v, n in zip(values, rows)) / sum(rows) if sum(rows) else math.nan
+    return out
+
+
+def splice_position_over(failed: list[float], positions: list[float]) -> float:
+    """The mean failure point of groups with failed[i] failed rows (weights) at mean positions[i]; nan when none
+    failed."""
+    total = sum(failed)
+    return sum(f * p for f, p in zip(failed, positions) if f) / total if total else math.nan
+
+
 def mean(values) -> float:
     """The mean of numbers or booleans; nan for none."""
     values = [float(v) for v in values]

@@ -12,7 +12,7 @@ Verification walks the slots in order:
 The token after the accepted prefix d_0 .. d_{a-1} comes from slot a: that corrected draw, or a plain draw
 when all m were accepted. Each position then has law p_j exactly: P(d_j) = p_j(d_j), and for y != d_j
 P(y) = (1 - p_j(d_j)) p_j(y) / (1 - p_j(d_j)) = p_j(y); the draft depends only on tokens already generated.
-A forward thus yields a + 1 tokens, and their captured logits are its slots 0 .. a: the logits a plain
+A forward thus yields a + 1 tokens, and their captured hidden states are its slots 0 .. a: those a plain
 forward over (context, output) gives, up to the rounding of a multi-token forward. The rejected slots are
 masked out of the KV cache and the cache is cut back to the longest kept block, so no later token sees them.
 
@@ -166,11 +166,13 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
         drafts = torch.tensor([p + [runner.pad_id] * (width - len(p)) for p in proposals], dtype=torch.int64,
                               device=device).view(len(order), width)       # [A, D]
         tails = torch.tensor([t for p in proposals for t in p], dtype=torch.int64, device=device).split(counts)
-        logits, state = runner.prefill([rows[i] for i in order], heads, tails, keep=width + 1, state=state,
-                                       history=history, draft=True)         # [A, 1 + D, V]
+        hidden, state = runner.prefill([rows[i] for i in order], heads, tails, keep=width + 1, state=state,
+                                       history=history, draft=True)         # [A, 1 + D, H]
+        logits = runner.head.logits(hidden)                                  # [A, 1 + D, V]: the verified rows
         accepted, token = verify(logits, drafts, torch.tensor(counts, device=device), sampling, generator,
                                  runner.vocab_size)
-        _record(runner, trace, alive, logits, drafts, accepted, token, capture)
+        _record(runner, trace, alive, hidden, logits, drafts, accepted, token, capture)
+        del logits
         taken, drawn = accepted.tolist(), token.tolist()
         runner.counters.accepted_tokens += sum(taken)
         for i, p, a, t in zip(order, proposals, taken, drawn):
@@ -188,14 +190,18 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
     bar.close()
 
 
-def _record(runner: Runner, trace: Trace, alive: Tensor, logits: Tensor, drafts: Tensor, accepted: Tensor,
-            token: Tensor, capture: bool) -> None:
-    """Each alive row's accepted draft tokens, then its own token, into the trace with their slots' logits."""
+def _record(runner: Runner, trace: Trace, alive: Tensor, hidden: Tensor, logits: Tensor, drafts: Tensor,
+            accepted: Tensor, token: Tensor, capture: bool) -> None:
+    """Each alive row's accepted draft tokens, then its own token, into the trace with what the capture keeps of
+    their slots (hidden states [A, 1 + D, H], logits [A, 1 + D, V])."""
     slots = torch.arange(logits.shape[1], device=logits.device)                        # [1 + D]
     padded = torch.cat([drafts, token[:, None]], dim=1)                                 # [A, 1 + D]
     tokens = torch.where(slots < accepted[:, None], padded, token[:, None])             # [A, 1 + D]
-    trace.add_runs(alive, tokens, trd_fast.token_logprobs(logits, tokens), logits if capture else None,
-                   accepted + 1, runner.eos_id)
+    kept = None
+    if capture:
+        flat = runner.capture.parts(hidden.flatten(0, 1), logits.flatten(0, 1), runner.head)
+        kept = tuple(part.view(*tokens.shape, *part.shape[1:]) for part in flat)     # [A, 1 + D, *] each
+    trace.add_runs(alive, tokens, trd_fast.token_logprobs(logits, tokens), kept, accepted + 1, runner.eos_id)
 
 
 def _drop_rejected(state: CachedBatch, accepted: Tensor, width: int, keep: Tensor, *,

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import trd_fast
+from trd_fast.heads import LMHead, decoder_output, lm_head
+from trd_fast.trainer.rollout.capture import Capture, Target
 from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
 from trd_fast.trainer.rollout.draft import Drafter, verify_decode
 from trd_fast.trainer.rollout.kv_cache import CACHE_KEYWORD, CachedBatch, check_filled, check_full_attention
@@ -27,7 +29,7 @@ class Rollout:
     tokens: Tensor           # [B, M] int64 generated ids, pad_id after each row's end
     lengths: Tensor          # [B] int64 generated tokens per row (EOS included when produced)
     logprobs: Tensor         # [B, M] fp32 log softmax(raw logits) at the sampled token, 0 past the end
-    logits: Tensor | None    # [B, M, V] fp32 raw logits that produced each token (before sampling filters)
+    targets: list[Target] | None  # per row what the capture kept of the position of each token (None: nothing)
     finished: Tensor         # [B] bool: stopped on EOS
 
     def rows(self) -> list[Tensor]:
@@ -38,20 +40,29 @@ class Rollout:
 class Runner:
     """Every forward of one model goes through it (so counters and the ledger see them all)."""
 
-    def __init__(self, model, *, pad_id: int, eos_id: int, name: str, vocab_size: int | None = None):
-        self.model = model            # a causal LM taking input_ids, attention_mask, position_ids, the KV cache
+    def __init__(self, model, *, pad_id: int, eos_id: int, name: str, vocab_size: int | None = None,
+                 capture: Capture = Capture()):
+        self.model = model            # a causal LM taking input_ids, attention_mask, position_ids, the KV cache and
+                                      # logits_to_keep; its LM head is applied only where it samples (backbone())
         self.pad_id = pad_id          # fills rows after their end, and padding slots
         self.eos_id = eos_id          # ends a row
         self.name = name              # for messages
         self.vocab_size = vocab_size  # sample only ids below it (the tokenizer's size), None: every logit column
+        self.capture = capture        # what generation with capture=True keeps per token (hidden states / top-k)
         self.counters = TokenCounters()
         self.ledger = Ledger()
 
     @classmethod
-    def with_tokenizer(cls, model, tokenizer, *, name: str) -> Runner:
+    def with_tokenizer(cls, model, tokenizer, *, name: str, capture: Capture = Capture()) -> Runner:
         """A Runner with the tokenizer's pad and eos ids that samples only ids the tokenizer has."""
         return cls(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, name=name,
-                   vocab_size=len(tokenizer))
+                   vocab_size=len(tokenizer), capture=capture)
+
+    @property
+    def head(self) -> LMHead:
+        """The model's LM head (weight, bias, logit scale, softcap), read at each use: a wrapper (FSDP) may swap
+        the parameter objects after the runner was made."""
+        return lm_head(self.model, self.name)
 
     @property
     def device(self) -> torch.device:
@@ -64,13 +75,14 @@ class Runner:
 
     @torch.no_grad()
     def generate(self, contexts: Sequence[Tensor], sampling: SamplingConfig, *, generator: torch.Generator,
-                 capture_logits: bool, progress: str | None = None, row_ids: Sequence[int] | None = None,
+                 capture: bool, progress: str | None = None, row_ids: Sequence[int] | None = None,
                  drafter: Drafter | None = None) -> Rollout:
         """Sample a completion of each context (1-D int64 tokens, lengths may differ): one prefill of the
         left-padded batch, then one decode forward per token with the KV cache. A row stops at EOS; all stop at
         sampling.max_new_tokens. `progress` is the description of a bar over decode steps (None: no bar).
         With a `drafter` (one source per context), every forward also verifies a draft (rollout/draft.py): the
-        same tokens when greedy, the same distribution when sampled, in fewer forwards."""
+        same tokens when greedy, the same distribution when sampled, in fewer forwards. With `capture` the
+        rollout keeps, per token, what self.capture keeps of the forward that predicted it."""
         contexts = self.inputs(contexts)
         rows = resolve_row_ids(row_ids, len(contexts))
         trace = Trace(len(contexts), self.device)
@@ -81,43 +93,52 @@ class Runner:
                 raise ValueError(f"drafter: {len(drafter)} sources for {len(contexts)} contexts")
             verify_decode(self, drafter, rows=rows, heads=contexts, history=None, state=None, trace=trace,
                           alive=everyone, budget=budget, sampling=sampling, generator=generator,
-                          capture=capture_logits, progress=progress)
-            return self.rollout(trace, capture_logits)
-        logits, state = self.prefill(rows, contexts, keep=1)                # [B, 1, V]
-        tokens = self.draw(trace, everyone, logits[:, -1], sampling, generator, capture=capture_logits)
+                          capture=capture, progress=progress)
+            return self.rollout(trace, capture)
+        hidden, state = self.prefill(rows, contexts, keep=1)                # [B, 1, H]
+        tokens = self.draw(trace, everyone, hidden[:, -1], sampling, generator, capture=capture)
         going = (tokens != self.eos_id) & (trace.lengths < sampling.max_new_tokens)
         alive = going.nonzero()[:, 0]
         if len(alive) < len(contexts):
             state = state.select(alive)
-        self.decode(state, trace, alive, tokens, budget, sampling, generator, capture=capture_logits,
-                    progress=progress)
+        self.decode(state, trace, alive, tokens, budget, sampling, generator, capture=capture, progress=progress)
         generated = trace.tokens(self.pad_id)                               # [B, M]
         lengths = trace.lengths.tolist()
         self.account_decode(rows, [torch.cat([x, y[:n - 1]]) for x, y, n in zip(contexts, generated, lengths)],
                             [len(x) for x in contexts])
-        return self.rollout(trace, capture_logits)
+        return self.rollout(trace, capture)
 
-    def rollout(self, trace: Trace, capture_logits: bool) -> Rollout:
+    def rollout(self, trace: Trace, capture: bool) -> Rollout:
         """The generated rows of a finished trace."""
         return Rollout(tokens=trace.tokens(self.pad_id), lengths=trace.lengths, logprobs=trace.logprobs(),
-                       logits=trace.take_logits() if capture_logits else None, finished=trace.finished)
+                       targets=self.kept_targets(trace) if capture else None, finished=trace.finished)
+
+    def kept_targets(self, trace: Trace) -> list[Target]:
+        """Per trace row, the target of each drawn token from what the capture kept (releasing the trace's)."""
+        kept = trace.take_kept()
+        return [self.capture.target([part[b, :n] for part in kept]) for b, n in enumerate(trace.lengths.tolist())]
+
+    def targets(self, hidden: Tensor) -> Target:
+        """The target of positions whose final hidden states are hidden [n, H] (scored, not sampled)."""
+        return self.capture.target(self.capture.parts(hidden, None, self.head))
 
     @torch.no_grad()
     def score(self, contexts: Sequence[Tensor], continuations: Sequence[Tensor], *,
               row_ids: Sequence[int] | None = None) -> Tensor:
-        """One forward over each context + continuation (left-padded batch, no cache kept): [B, M, V] fp32 raw
-        logits predicting each continuation token (row b valid for its first len(continuations[b]), 0 beyond)."""
+        """One forward over each context + continuation (left-padded batch, no cache kept): [B, M, H] final hidden
+        states (the model's dtype) predicting each continuation token (row b valid for its first
+        len(continuations[b]), 0 beyond); no logits are formed."""
         contexts = self.inputs(contexts)
         continuations = [y.to(self.device) for y in continuations]
         if len(continuations) != len(contexts):
             raise ValueError(f"continuations: {len(continuations)} rows for {len(contexts)} contexts")
         width = max((len(y) for y in continuations), default=0)
-        logits, _ = self.prefill(resolve_row_ids(row_ids, len(contexts)), contexts, [y[:-1] for y in continuations],
-                                 keep=max(width, 1), use_cache=False)      # [B, max(M, 1), V]
-        logits = logits[:, :width]
+        hidden, _ = self.prefill(resolve_row_ids(row_ids, len(contexts)), contexts, [y[:-1] for y in continuations],
+                                 keep=max(width, 1), use_cache=False)      # [B, max(M, 1), H]
+        hidden = hidden[:, :width]
         for b, y in enumerate(continuations):
-            logits[b, len(y):] = 0
-        return logits
+            hidden[b, len(y):] = 0
+        return hidden
 
     def prefill(self, rows: Sequence[int], heads: Sequence[Tensor], tails: Sequence[Tensor] | None = None, *,
                 keep: int, state: CachedBatch | None = None, history: Sequence[list[int]] | None = None,
@@ -125,9 +146,10 @@ class Runner:
         """One forward feeding row b heads[b] + tails[b] after what `state` caches for it (`history[b]`: those
         token ids, for the ledger). Heads are right-aligned (left padding) and tails left-aligned after them (right
         padding), so tail positions line up across rows: with H the longest head, slot H - 1 + j predicts tail
-        token j of every row. Returns the raw fp32 logits of the last `keep` slots [B, keep, V] and the batch
-        with the new tokens cached (None without use_cache). With `draft` the tails are draft tokens to verify
-        (counted as draft_tokens) and heads fed after a cached `state` are generated tokens (decode_tokens)."""
+        token j of every row. Returns the final hidden states of the last `keep` slots [B, keep, H] (the model's
+        dtype; self.head.logits gives their logits) and the batch with the new tokens cached (None without
+        use_cache). With `draft` the tails are draft tokens to verify (counted as draft_tokens) and heads fed
+        after a cached `state` are generated tokens (decode_tokens)."""
         tails = tails if tails is not None else [heads[0].new_zeros(0)] * len(heads)
         head_lengths, tail_lengths = [h.shape[0] for h in heads], [t.shape[0] for t in tails]
         head_width = max(head_lengths)
@@ -143,8 +165,8 @@ class Runner:
                 DynamicCache(config=self.model.config), self.name)
         positions = past.sum(-1, keepdim=True) + (fed.cumsum(-1) - 1).clamp(min=0)        # [B, W]
         mask = torch.cat([past, fed], dim=1)                                                # [B, S + W]
-        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, **{CACHE_KEYWORD: cache},
-                         use_cache=use_cache, logits_to_keep=keep)
+        out = self.backbone(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                            **{CACHE_KEYWORD: cache}, use_cache=use_cache)
         if use_cache:
             check_filled(cache, mask.shape[1], self.name)
         history = history if history is not None else [[] for _ in heads]
@@ -163,7 +185,8 @@ class Runner:
         self.counters.forwards += 1
         self.counters.rescore_forwards += int(any(counts))
         self.counters.rescore_tokens += sum(counts)
-        return out.logits.float(), (CachedBatch(cache, mask) if use_cache else None)
+        hidden = out.last_hidden_state[:, ids.shape[1] - keep:].contiguous()    # [B, keep, H] (frees the rest)
+        return hidden, (CachedBatch(cache, mask) if use_cache else None)
 
     def decode(self, state: CachedBatch, trace: Trace, alive: Tensor, pending: Tensor, budget: Tensor,
                sampling: SamplingConfig, generator: torch.Generator, *, capture: bool,
@@ -177,13 +200,13 @@ class Runner:
         while len(alive):
             slot = torch.ones(len(alive), 1, dtype=torch.bool, device=self.device)
             mask = torch.cat([state.mask, slot], dim=1)                                       # [A, S + 1]
-            out = self.model(input_ids=pending[alive][:, None], attention_mask=mask.long(),
-                             position_ids=state.lengths[:, None], **{CACHE_KEYWORD: state.cache}, use_cache=True)
+            out = self.backbone(input_ids=pending[alive][:, None], attention_mask=mask.long(),
+                                position_ids=state.lengths[:, None], **{CACHE_KEYWORD: state.cache}, use_cache=True)
             check_filled(state.cache, mask.shape[1], self.name)
             state = CachedBatch(state.cache, mask)
             self.counters.decode_tokens += len(alive)
             self.counters.forwards += 1
-            tokens = self.draw(trace, alive, out.logits[:, -1].float(), sampling, generator, capture=capture)
+            tokens = self.draw(trace, alive, out.last_hidden_state[:, -1], sampling, generator, capture=capture)
             pending[alive] = tokens
             going = (tokens != self.eos_id) & (trace.lengths[alive] < budget[alive])
             if not bool(going.all()):
@@ -192,12 +215,26 @@ class Runner:
             bar.update(1)
         bar.close()
 
-    def draw(self, trace: Trace, rows: Tensor, logits: Tensor, sampling: SamplingConfig,
+    def backbone(self, **inputs):
+        """The model's own forward (so a wrapper's hooks, FSDP's root first, see it) with its head on no position;
+        returns its decoder's output, whose last_hidden_state [B, W, H] are the final hidden states."""
+        return decoder_output(self.model, inputs)
+
+    def draw(self, trace: Trace, rows: Tensor, hidden: Tensor, sampling: SamplingConfig,
              generator: torch.Generator, *, capture: bool) -> Tensor:
-        """Sample one token for each of rows [A] from raw logits [A, V] and record it in the trace."""
+        """Sample one token for each of rows [A] from the logits of final hidden states [A, H] (the one [A, V]
+        logits row formed per position) and record it in the trace."""
+        logits = self.head.logits(hidden)                                                   # [A, V] fp32
         tokens = sample(logits, sampling, generator, self.vocab_size)                       # [A]
-        trace.add(rows, tokens, trd_fast.token_logprobs(logits, tokens), logits if capture else None, self.eos_id)
+        self.record(trace, rows, tokens, hidden, logits, capture=capture)
         return tokens
+
+    def record(self, trace: Trace, rows: Tensor, tokens: Tensor, hidden: Tensor, logits: Tensor, *,
+               capture: bool) -> None:
+        """Record tokens [A] of rows [A], drawn from raw logits [A, V] of final hidden states [A, H] (with
+        `capture`, what self.capture keeps of them)."""
+        kept = self.capture.parts(hidden, logits, self.head) if capture else None
+        trace.add(rows, tokens, trd_fast.token_logprobs(logits, tokens), kept, self.eos_id)
 
     def account_decode(self, rows: Sequence[int], sequences: Sequence[Tensor], starts: Sequence[int]) -> None:
         """Ledger entries for one decode run: row i fed sequences[i][starts[i]:], one token per forward from the

@@ -13,23 +13,25 @@ class Trace:
     def __init__(self, rows: int, device: torch.device):
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)   # [R] tokens drawn per row
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)   # [R] stopped on EOS
-        self._adds: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
+        self._adds: list[tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, ...] | None]] = []
 
-    def add(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, logits: Tensor | None, eos_id: int) -> None:
-        """Rows [A] (distinct) drew tokens [A] with log-probs [A] from raw logits [A, V] (None: not kept). The
-        tensors are kept as they are: no host sync and no copy per decoded token."""
-        self._adds.append((rows, self.lengths[rows], tokens, logprobs, logits))  # the index makes positions a copy
+    def add(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, kept: tuple[Tensor, ...] | None,
+            eos_id: int) -> None:
+        """Rows [A] (distinct) drew tokens [A] with log-probs [A]; `kept`: what the capture keeps of their
+        positions (rollout/capture.py; tensors [A, *] each), or None. The tensors are kept as they are: no
+        host sync and no copy per decoded token."""
+        self._adds.append((rows, self.lengths[rows], tokens, logprobs, kept))  # the index makes positions a copy
         self.lengths[rows] += 1
         self.finished[rows] = tokens == eos_id
 
-    def add_runs(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, logits: Tensor | None, counts: Tensor,
-                 eos_id: int) -> None:
+    def add_runs(self, rows: Tensor, tokens: Tensor, logprobs: Tensor, kept: tuple[Tensor, ...] | None,
+                 counts: Tensor, eos_id: int) -> None:
         """Rows [A] (distinct) drew runs of tokens: row i its first counts[i] >= 1 of tokens [A, W], with
-        log-probs [A, W] and raw logits [A, W, V] (None: not kept)."""
+        log-probs [A, W]; `kept`: what the capture keeps of their positions (tensors [A, W, *] each), or None."""
         at = (torch.arange(tokens.shape[1], device=tokens.device) < counts[:, None]).nonzero()  # [N, 2] (i, j)
         i, j = at[:, 0], at[:, 1]
         self._adds.append((rows[i], self.lengths[rows][i] + j, tokens[i, j], logprobs[i, j],
-                           None if logits is None else logits[i, j]))
+                           None if kept is None else tuple(part[i, j] for part in kept)))
         self.lengths[rows] += counts
         self.finished[rows] = tokens.gather(1, (counts - 1)[:, None])[:, 0] == eos_id
 
@@ -51,12 +53,14 @@ class Trace:
             out[rows, positions] = logprobs
         return out
 
-    def take_logits(self) -> Tensor:
-        """[R, N, V] fp32 raw logits, 0 after each row's end (V: the captured logits' width; 0 when nothing was
-        drawn); the adds' own copies are released on the way."""
-        vocab = next((logits.shape[-1] for *_, logits in self._adds if logits is not None), 0)
-        out = torch.zeros(len(self.lengths), self.width, vocab, device=self.lengths.device)
-        for i, (rows, positions, tokens, logprobs, logits) in enumerate(self._adds):
-            out[rows, positions] = logits
+    def take_kept(self) -> tuple[Tensor, ...]:
+        """What the adds kept, each part as [R, N, *] (its dtype; 0 after each row's end; () when nothing was
+        kept); the adds' own references are released on the way."""
+        first = next((kept for *_, kept in self._adds if kept is not None), ())
+        out = tuple(torch.zeros(len(self.lengths), self.width, *part.shape[1:], dtype=part.dtype,
+                                device=self.lengths.device) for part in first)
+        for i, (rows, positions, tokens, logprobs, kept) in enumerate(self._adds):
+            for whole, part in zip(out, kept or ()):
+                whole[rows, positions] = part
             self._adds[i] = (rows, positions, tokens, logprobs, None)
         return out

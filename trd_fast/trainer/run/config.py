@@ -19,6 +19,7 @@ MODES = ("opd", "trd", "trd_splice")
 TEACHER_SOURCES = ("external", "self")
 OPD_LOSSES = ("reverse_kl", "forward_kl", "clipped_forward_kl", "top_k_reverse_kl", "jsd")
 SPLICE_SIGNALS = ("nll", "log_ratio", "divergence")
+TEACHER_TARGETS = ("hidden", "top_k")
 TEACHER_PLACEMENTS = ("replicate", "shard")
 
 
@@ -68,8 +69,9 @@ class DistillConfig:
     loss_top_k: int = 32               # top_k_reverse_kl: the teacher's top-k ids, renormalized
     jsd_beta: float = 0.5              # jsd: interpolation weight of the teacher
     temperature: float = 1.0           # temperature of both distributions in the loss
-    teacher_top_k: int = 64            # teacher targets kept as top-k SparseTeacher when dense ones exceed the budget
-    dense_target_mb: float = 2048.0    # budget for dense teacher targets per micro-batch, in MiB
+    teacher_targets: str = "hidden"    # hidden: the teacher's final hidden states, the loss applies its LM head
+                                       # (full vocabulary, no [tokens, V] tensor); top_k: its top-k log-probs
+    teacher_top_k: int = 64            # teacher_targets=top_k: the k of the SparseTeacher targets
     splice_signal: str = "nll"         # trd_splice: nll (teacher NLL of y_o's token) | log_ratio (log p_s - log p_T)
                                        # | divergence (reverse KL of student and teacher at the position)
     splice_threshold: float = 2.0      # trd_splice: a trailing mean of the signal above this marks the failure point
@@ -96,6 +98,10 @@ class OptimConfig:
     max_grad_norm: float = 1.0         # gradient clipping; 0 disables it
 
 
+CPU_BUDGET_MB = 1024    # run.memory_budget_mb's default on CPU
+GPU_BUDGET_SHARE = 8    # ... and on a GPU: this fraction of its memory
+
+
 @dataclass(frozen=True)
 class RunConfig:
     output_dir: str = "runs/trd"       # config, metrics.jsonl, checkpoint.pt, curves.png and the final student
@@ -105,6 +111,11 @@ class RunConfig:
     resume: bool = True                # continue from output_dir/checkpoint.pt when it exists
     progress: bool = True              # tqdm bars for steps and rollouts
     save_student: bool = True          # save the trained student with save_pretrained at the end
+    memory_budget_mb: float = 0.0      # MiB the engine may hold at once in each part of a step: the rollout and
+                                       # refinement of a row block (KV caches, logits rows; estimated per row),
+                                       # logit blocks formed from hidden states (scoring signals, top-k targets,
+                                       # metrics) and each micro-batch's activations; 0: CPU_BUDGET_MB on CPU,
+                                       # 1/GPU_BUDGET_SHARE of the device's memory on a GPU
     collective_timeout_s: float = 600.0  # under torchrun: a rank waiting this long in a collective fails the run
 
 
@@ -122,6 +133,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def budget_bytes(self) -> int:
+        """run.memory_budget_mb in bytes, or its default for model.device when 0."""
+        if self.run.memory_budget_mb > 0:
+            return int(self.run.memory_budget_mb * 2**20)
+        device = torch.device(self.model.device)
+        if device.type == "cpu":
+            return CPU_BUDGET_MB * 2**20
+        return torch.get_device_module(device.type).get_device_properties(device).total_memory // GPU_BUDGET_SHARE
 
 
 @dataclass(frozen=True)
@@ -163,7 +184,6 @@ NUMERIC_BOUNDS = {
     "distill.jsd_beta": UNIT,
     "distill.temperature": POSITIVE,
     "distill.teacher_top_k": AT_LEAST_1,
-    "distill.dense_target_mb": AT_LEAST_0,
     "distill.splice_threshold": ANY,
     "distill.splice_window": AT_LEAST_1,
     "distill.splice_chunk": AT_LEAST_0,
@@ -182,6 +202,7 @@ NUMERIC_BOUNDS = {
     "run.seed": Bounds(0, 2**32, high_open=True),  # seeds torch generators, numpy and the data order
     "run.checkpoint_every": AT_LEAST_0,
     "run.eval_every": AT_LEAST_0,
+    "run.memory_budget_mb": AT_LEAST_0,
     "run.collective_timeout_s": POSITIVE,
 }
 
@@ -211,6 +232,8 @@ def _validate(c: TrainConfig) -> None:
     need(d.opd_loss in OPD_LOSSES, "distill.opd_loss", f"expected one of {OPD_LOSSES}, got {d.opd_loss!r}")
     need(d.splice_signal in SPLICE_SIGNALS, "distill.splice_signal",
          f"expected one of {SPLICE_SIGNALS}, got {d.splice_signal!r}")
+    need(d.teacher_targets in TEACHER_TARGETS, "distill.teacher_targets",
+         f"expected one of {TEACHER_TARGETS}, got {d.teacher_targets!r}")
     need(o.micro_batches <= o.batch_size, "optim.micro_batches",
          f"must be in [1, batch_size={o.batch_size}], got {o.micro_batches}")
     need(c.model.teacher_placement in TEACHER_PLACEMENTS, "model.teacher_placement",

@@ -1,15 +1,17 @@
 """The models of a run: the trained student (full or LoRA), the teacher (an external model, or the frozen
-initial student for self-distillation: a copy, or with LoRA the adapter-disabled base) and their runners."""
+initial student for self-distillation: a copy, or with LoRA the adapter-disabled base, which shares the
+student's weights, LM head included), their LM heads and their runners."""
 
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from trd_fast.dependencies import check_version
+from trd_fast.heads import LMHead, check_lm_head
+from trd_fast.trainer.rollout.capture import Capture
 from trd_fast.trainer.rollout.generation import Runner
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.loading import check_tokenizers_agree, load_causal_lm, load_tokenizer
@@ -23,7 +25,11 @@ class Engine:
     tokenizer: object                # the student's tokenizer (its shared ids agree with the teacher's)
     student: Runner                  # every student forward of rollouts goes through it
     teacher: Runner                  # every teacher forward goes through it
-    inplace_backward: bool           # the loss may write its gradient over the student logits
+
+    @property
+    def teacher_head(self) -> LMHead:
+        """The teacher's LM head (frozen; with LoRA self-distillation the student's own, adapters off), read now."""
+        return self.teacher.head
 
 
 class AdapterDisabled:
@@ -60,13 +66,15 @@ def build_engine(config: TrainConfig) -> Engine:
         teacher = AdapterDisabled(student)
     else:
         teacher.requires_grad_(False)
-    softcapped = getattr(student.config, "final_logit_softcapping", None)
-    if softcapped:
-        warnings.warn("the student's logits are soft-capped: the loss keeps its gradient out of place", stacklevel=2)
-    return Engine(student_model=student, tokenizer=tokenizer,
-                  student=Runner.with_tokenizer(student, tokenizer, name="student"),
-                  teacher=Runner.with_tokenizer(teacher, tokenizer, name="teacher"),
-                  inplace_backward=not softcapped)
+    student_runner = Runner.with_tokenizer(student, tokenizer, name="student")
+    d, budget = config.distill, config.budget_bytes
+    capture = Capture(top_k=d.teacher_top_k if d.teacher_targets == "top_k" else 0,
+                      columns=student_runner.head.weight.shape[0], budget_bytes=budget)
+    teacher_runner = Runner.with_tokenizer(teacher, tokenizer, name="teacher", capture=capture)
+    probe = {"input_ids": torch.arange(min(4, len(tokenizer)), device=m.device)[None]}
+    for runner in (student_runner, teacher_runner):  # logits the heads imply are the models' own
+        check_lm_head(runner.model, runner.head, probe, runner.name)
+    return Engine(student_model=student, tokenizer=tokenizer, student=student_runner, teacher=teacher_runner)
 
 
 def _with_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
@@ -79,6 +87,10 @@ def _with_lora(model, rank: int, alpha: float, targets: tuple[str, ...]):
     missing = [t for t in targets if t not in names]
     if missing:
         raise ValueError(f"model.lora_targets: the student has no module named {missing}")
+    head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+    if head.rsplit(".", 1)[-1] in targets:
+        raise ValueError(f"model.lora_targets: {head!r} is the LM head, which the fused loss reads as a plain "
+                         f"weight; adapt the other modules")
     lora = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
                            task_type="CAUSAL_LM")
     return peft.get_peft_model(model, lora)

@@ -66,7 +66,7 @@ def evaluate(runner: Runner, task: Task, tokenize: Tokenize, examples: Sequence[
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo:lo + batch_size]
         rollout = runner.generate(prompts[lo:lo + batch_size], greedy,
-                                  generator=torch.Generator().manual_seed(0), capture_logits=False)
+                                  generator=torch.Generator().manual_seed(0), capture=False)
         for e, y in zip(chunk, rollout.rows()):
             text = tokenize.text(y)
             completions.append(text)

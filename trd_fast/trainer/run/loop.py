@@ -158,8 +158,12 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     engine.student_model.train()
     optimizer.zero_grad(set_to_none=True)
     tokens = int(world.sum([float(sum(len(y) for y in batch.completions))])[0])   # the global normaliser
+    head = engine.teacher_head  # a sharded teacher's head gathered whole (a collective) for the loss
+    teacher_head = dataclasses.replace(head, weight=full_value(head.weight),
+                                       bias=None if head.bias is None else full_value(head.bias))
     result = train_on(engine.student_model, batch, config.distill, micro_batches=config.optim.micro_batches,
-                      epistemic_ids=epistemic, inplace_backward=engine.inplace_backward, total_tokens=tokens)
+                      epistemic_ids=epistemic, teacher_head=teacher_head,
+                      budget_bytes=config.budget_bytes, total_tokens=tokens, agree=world.most)
     # Each rank's loss terms are its share of the global batch's: summed, they are the global values.
     result.loss, result.divergence, result.entropy, result.epistemic_mass, sparse = world.sum(
         [result.loss, result.divergence, result.entropy, result.epistemic_mass, float(result.sparse_targets)])
@@ -196,9 +200,9 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
         return None
     record = merge_records(gathered)
     if result.sparse_targets and config.distill.mode == "trd" and step == 0:
-        warnings.warn(f"teacher targets exceed distill.dense_target_mb and are kept as top-"
-                      f"{config.distill.teacher_top_k}: trd then departs from the paper's full-vocabulary "
-                      f"forward KL (recorded as sparse_targets in metrics.jsonl)", stacklevel=2)
+        warnings.warn(f"teacher targets are kept as top-{config.distill.teacher_top_k} (distill.teacher_targets="
+                      f"top_k): trd then departs from the paper's full-vocabulary forward KL (recorded as "
+                      f"sparse_targets in metrics.jsonl)", stacklevel=2)
     return record
 
 

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from trd_fast.text_files import read_utf8
+from trd_fast.trainer.refine.stats import splice_position_over
 from trd_fast.trainer.rollout.counters import TokenCounters
 
 METRICS = "metrics.jsonl"
@@ -52,9 +53,7 @@ def merge_records(records: list[dict]) -> dict:
         elif isinstance(first, bool):
             merged[key] = any(values)
         elif key == "splice_position":  # a mean over each rank's failed rows
-            failed = [r["failure_rate"] for r in records]
-            merged[key] = (sum(f * v for f, v in zip(failed, values) if f) / sum(failed) if any(failed)
-                           else math.nan)
+            merged[key] = splice_position_over([r["failure_rate"] for r in records], values)
         else:
             merged[key] = sum(values) / len(values)
     if "trained_tokens_per_s" in merged:

@@ -47,6 +47,14 @@ class World:
         dist.all_reduce(total)
         return total.tolist()
 
+    def most(self, value: int) -> int:
+        """The largest of every rank's `value`; the value itself on one process."""
+        if not self.distributed:
+            return value
+        top = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        return int(top.item())
+
     def gather(self, item: object) -> list[object] | None:
         """Every rank's `item` in rank order on rank 0 (None on the others); [item] on one process."""
         if not self.distributed:

@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from trd_fast.trainer.rollout.capture import Target
+
 
 @dataclass
 class Batch:
     contexts: list[Tensor]        # the student's context x per row, 1-D int64
     completions: list[Tensor]     # the trained completion per row (y_o or y_r), 1-D int64
-    targets: list[Tensor]         # per row [len(completion), V_t] fp32 teacher logits predicting each token
+    targets: list[Target]         # per row the teacher's target of each token: its final hidden states
+                                  # [len(completion), H_t] (model dtype) or its top-k log-probs (SparseTeacher)
     weights: list[Tensor]         # per row [len(completion)] fp32 loss weights
     originals: list[Tensor]       # the student's rollout y_o per row
     cut: Tensor | None            # trd_splice: [B] failure point k per row (len(y_o) where none); else None

@@ -1,4 +1,5 @@
-"""The student's differentiable training forward: logits at chosen positions of many rows in one call."""
+"""The student's differentiable training forward: final hidden states at chosen positions of many rows in one
+call, through the backbone only (the loss applies the LM head, so no logits are formed)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from trd_fast.heads import final_hidden_states
 
-def packed_logits(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tensor:
-    """One differentiable forward over all rows (1-D int64 tokens each, no padding): [sum len(keep[i]), V]
-    logits at positions keep[i] of row i (strictly increasing), rows in order.
 
-    With flash attention the rows are packed into one [1, T] sequence whose position ids restart at 0 per row
-    (varlen attention: no pad token costs anything). Other attention implementations see packed rows through a
-    dense [T, T] mask, quadratic in the whole batch, so they get a right-padded [B, L] batch instead, whose head
-    computes the logits at every position any row keeps ([B, U, V], U the union of keep) before the gather."""
+def packed_hidden(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tensor:
+    """One differentiable forward over all rows (1-D int64 tokens each, no padding): [sum len(keep[i]), H] final
+    hidden states (after the final norm, the model's dtype) at positions keep[i] of row i (strictly increasing),
+    rows in order.
+
+    The model runs through its own forward with no logit position kept (logits_to_keep: an empty index) and its
+    hidden states returned, so a wrapper's or an adapter's hooks see the step. With flash attention the rows
+    are packed into one [1, T] sequence whose position ids restart at 0 per row (varlen attention: no pad token
+    costs anything). Other attention implementations see packed rows through a dense [T, T] mask, quadratic in
+    the whole batch, so they get a right-padded [B, L] batch instead."""
     if len(rows) != len(keep) or not rows:
         raise ValueError(f"rows and keep must be non-empty and of one length, got {len(rows)} and {len(keep)}")
     for i, (row, k) in enumerate(zip(rows, keep)):
@@ -31,13 +36,18 @@ def packed_logits(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tens
     return _padded(model, rows, keep)
 
 
+def _hidden(model, **inputs) -> Tensor:
+    """[B, T, H] final hidden states of the model's own forward, its head run on no position."""
+    return final_hidden_states(model, {**inputs, "use_cache": False})
+
+
 def _packed(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tensor:
     device = model.device
     starts = torch.tensor([0] + [len(r) for r in rows[:-1]]).cumsum(0).tolist()
     ids = torch.cat(list(rows)).to(device)[None]                                          # [1, T]
     positions = torch.cat([torch.arange(len(r)) for r in rows]).to(device)[None]         # [1, T]
     index = torch.cat([k.to(device) + s for k, s in zip(keep, starts)])                  # [N]
-    return model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=index).logits[0]
+    return _hidden(model, input_ids=ids, position_ids=positions)[0, index]               # [N, H]
 
 
 def _padded(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tensor:
@@ -48,8 +58,5 @@ def _padded(model, rows: Sequence[Tensor], keep: Sequence[Tensor]) -> Tensor:
         ids[b, :len(row)] = row
         mask[b, :len(row)] = 1
     positions = torch.cat(list(keep)).to(device)                                          # [N]
-    union = positions.unique()                                                            # [U] sorted
     batch_rows = torch.repeat_interleave(torch.tensor([len(k) for k in keep], device=device))  # [N]
-    # A 1-D index tensor keeps the same positions of every row in every transformers version (a 2-D one does not).
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=union).logits  # [B, U, V]
-    return logits[batch_rows, torch.searchsorted(union, positions)]                       # [N, V]
+    return _hidden(model, input_ids=ids, attention_mask=mask)[batch_rows, positions]     # [N, H]
