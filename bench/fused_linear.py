@@ -14,7 +14,11 @@ Per shape (N rows, vocabulary V, student width H, teacher width 2H), forward KL,
   (the best of a 4096^3 torch.mm, measured at the start and the end of the run) and the time of the four
   matmuls alone at full size (h_s W_s^T, h_t W_t^T, dz W_s, dz^T h_s: the floor of any implementation);
 - extra peak memory: bench.harness's CPU probe (VmHWM - VmRSS, reset before each round), and the same less
-  the returned gradients (h_s and W_s's, which every variant allocates), the contract's measure.
+  the returned gradients (h_s and W_s's, which every variant allocates), the contract's measure; trd_fast's
+  row adds the tile buffer it keeps resident from the previous call (trd_fast_fresh_tiles frees it before
+  each call, so that row pays the tiles' first-touch page faults every time).
+
+    .venv/bin/python -m bench.fused_linear --only trd_fast,trd_fast_fresh_tiles   # a subset of the variants
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ import torch.nn.functional as F  # noqa: E402
 
 import trd_fast  # noqa: E402
 from bench import harness  # noqa: E402
+from trd_fast.ops.fused_linear_tiles import kept_tile_bytes, release_tile_buffers  # noqa: E402
 
 MIB = 1 << 20
 THREADS = 2
+FRESH_TILES = "trd_fast_fresh_tiles"  # trd_fast with its kept tile buffer freed before each call
 SHAPES = {  # rows N, vocabulary V, student width H (the teacher's is 2H); warmup and timed rounds
     "default": [dict(n=2048, v=32768, h=512, warmup=1, rounds=3), dict(n=1024, v=151936, h=1024, warmup=1, rounds=2)],
     "smoke": [dict(n=64, v=1000, h=32, warmup=1, rounds=2), dict(n=32, v=3001, h=48, warmup=1, rounds=2)],
@@ -72,8 +78,8 @@ def liger():
 
 
 def variants():
-    out = {"trd_fast": (ours, None), "eager": (eager, None), "compile": (torch.compile(eager), None),
-           "trl_chunked": (trl_chunked, None)}
+    out = {"trd_fast": (ours, None), FRESH_TILES: (ours, None), "eager": (eager, None),
+           "compile": (torch.compile(eager), None), "trl_chunked": (trl_chunked, None)}
     out["liger"] = liger()
     return out
 
@@ -136,12 +142,16 @@ def run_case(shape: dict, table: dict) -> dict:
     for i in range(warmup + rounds):
         for name, fn in live.items():
             hs.grad, ws.grad = None, None
+            if name == FRESH_TILES:  # the call allocates its tiles and pays their first-touch page faults
+                release_tile_buffers()
+            kept = kept_tile_bytes() if fn is ours else 0  # resident before the call, used by it
             probe.begin()
             start, start_cpu = time.perf_counter(), time.process_time()
             loss = fn(hs, ws, ht, wt)
             loss.backward()
             elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             peak = probe.end()
+            peak = None if peak is None else peak + kept
             r = record[name]
             r["loss"] = float(loss.detach())
             if i == 0:
@@ -230,6 +240,7 @@ def _mib(value) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; JSON to the temp dir")
+    parser.add_argument("--only", help="comma-separated variants to run (trd_fast always runs); JSON to the temp dir")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     mode = "smoke" if args.smoke else "default"
@@ -237,6 +248,12 @@ def main() -> None:
     print(f"fp32 matmul rate: {rate_before['gflop_per_s']:.0f} GFLOP/s; load {harness.loadavg()}", flush=True)
     document = {"machine": harness.machine("cpu"), "threads": THREADS, "method": __doc__, "cases": []}
     table_of_variants = variants()
+    if args.only:
+        chosen = {"trd_fast", *args.only.split(",")}
+        unknown = chosen - set(table_of_variants)
+        if unknown:
+            parser.error(f"--only: unknown variants {sorted(unknown)} (known: {sorted(table_of_variants)})")
+        table_of_variants = {name: entry for name, entry in table_of_variants.items() if name in chosen}
     for shape in SHAPES[mode]:
         document["cases"].append(run_case(shape, table_of_variants))
     rate_after = matmul_rate(1024 if args.smoke else 4096)
@@ -245,7 +262,7 @@ def main() -> None:
     document["loadavg_at_end"] = harness.loadavg()
     for case in document["cases"]:
         case["targets"] = targets(case, document["matmul_rate_gflop_per_s"])
-    path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / "fused-linear-cpu.json"
+    path = (Path(tempfile.gettempdir()) if args.smoke or args.only else harness.RESULTS_DIR) / "fused-linear-cpu.json"
     harness.write_json(path, document)
     print(table(document))
     for case in document["cases"]:

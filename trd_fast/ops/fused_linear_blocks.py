@@ -11,17 +11,19 @@ Top-k with a dense teacher and a SparseTeacher reduce to k ids per row: the teac
 and its gradients scatter back to those rows. An empty slot (-1) is -inf on both sides (probability 0).
 
 Memory: the tiles of one block ([R, Vc] per model, or [R, k, H_s] gathered rows), with R from a byte budget;
-nothing of size [N, V]. Matmuls accumulate in fp32 (fp64 for float64 inputs) and write fp32 (fp64) tiles; on
+nothing of size [N, V]. On CPU the dense tiles' buffer is kept for the next call (fused_linear_tiles.py). Matmuls accumulate in fp32 (fp64 for float64 inputs) and write fp32 (fp64) tiles; on
 CPU a bf16/fp16 head is converted to fp32 once per call, on CUDA the matmuls read it as it is (fp32 output).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from trd_fast.ops.fused_linear_tiles import tile_buffer
 from trd_fast.ops.registry import STATS_DTYPE, OpSet
 
 # Bytes of tiles one block may use, per device type (Problem.row_block turns it into R rows).
@@ -187,12 +189,23 @@ class Engine:
     def __init__(self, problem: Problem, budget: int):
         self.problem = problem
         self.block = problem.row_block(budget)
-        shape = (self.block, problem.columns)
-        device = problem.student.hidden.device
-        dense_student = not problem.gathers
-        self.student_tile = torch.empty(shape, dtype=problem.dtype, device=device) if dense_student else None
-        self.teacher_tile = torch.empty(shape, dtype=problem.dtype, device=device) \
-            if problem.teacher is not None else None
+        self.student_tile: torch.Tensor | None = None  # [R, Vc] while a pass runs (dense student)
+        self.teacher_tile: torch.Tensor | None = None  # [R, Vc] while a pass runs (dense teacher)
+
+    @contextmanager
+    def tiles(self):
+        """Sets the pass's tiles, views of one flat buffer (fused_linear_tiles: kept across calls on CPU)."""
+        p = self.problem
+        shapes = [(self.block, p.columns) if wanted else None
+                  for wanted in (not p.gathers, p.teacher is not None)]
+        size = self.block * p.columns
+        with tile_buffer(size * sum(s is not None for s in shapes), p.dtype, p.student.hidden.device) as flat:
+            views = iter(flat.split(size))
+            self.student_tile, self.teacher_tile = (None if s is None else next(views).view(s) for s in shapes)
+            try:
+                yield
+            finally:
+                self.student_tile = self.teacher_tile = None
 
     def blocks(self):
         for start in range(0, self.problem.rows, self.block):
@@ -282,20 +295,21 @@ class Engine:
         width = p.support_width if p.gathers else 0
         ids = torch.empty((p.rows, width), dtype=torch.int64, device=device)
         teacher = torch.empty((p.rows, width), dtype=p.dtype, device=device)
-        for rows in self.blocks():
-            block = self.support(rows)
-            value, stat = self.divergence(block)
-            values[rows], stats[rows] = value, stat
-            if width:
-                ids[rows] = torch.where(block.empty, -1, block.ids)
-                teacher[rows] = block.teacher
-            if grads is not None:
-                self.accumulate(block, upstream(rows, value), value, stat, grads)
+        with self.tiles():
+            for rows in self.blocks():
+                block = self.support(rows)
+                value, stat = self.divergence(block)
+                values[rows], stats[rows] = value, stat
+                if width:
+                    ids[rows] = torch.where(block.empty, -1, block.ids)
+                    teacher[rows] = block.teacher
+                if grads is not None:
+                    self.accumulate(block, upstream(rows, value), value, stat, grads)
         return Saved(values, stats, ids, teacher)
 
     def backward(self, grad_values: torch.Tensor, saved: Saved, grads: Gradients) -> None:
         """Gradients for a per-row upstream gradient grad_values [N] fp32: the logits are formed again."""
-        for rows in self.blocks():
-            block = self.support(rows, saved if self.problem.gathers else None)
-            self.accumulate(block, grad_values[rows], saved.values[rows], saved.stats[rows], grads)
-
+        with self.tiles():
+            for rows in self.blocks():
+                block = self.support(rows, saved if self.problem.gathers else None)
+                self.accumulate(block, grad_values[rows], saved.values[rows], saved.stats[rows], grads)

@@ -99,8 +99,11 @@ def _scaled(buffer: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
     """grad * buffer in `dtype`; in eager mode in place over the buffer when the dtypes agree (no second [V, H]
     copy; a second backward through the same graph then fails autograd's saved-tensor version check). A traced
     backward (torch.compile, opcheck: functional tensors) gets the product out of place: a graph may not
-    mutate a forward output it saved."""
+    mutate a forward output it saved. An upstream gradient of exactly 1 on CPU (loss.backward()) leaves the
+    buffer as it is: no pass over a [V, H] gradient."""
     if buffer.dtype == dtype and type(buffer) is torch.Tensor and not torch.compiler.is_compiling():
+        if grad.device.type == "cpu" and grad.numel() == 1 and grad.item() == 1.0:
+            return buffer
         return buffer.mul_(grad)
     return (buffer * grad).to(dtype)
 
