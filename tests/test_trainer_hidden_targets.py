@@ -291,3 +291,16 @@ def test_combined_statistics_are_those_of_all_rows():
     assert out["failure_rate"] == pytest.approx(4 / 6)
     assert out["splice_position"] == pytest.approx((3 + 6 * 3) / 4)
     assert out["teacher_scored_tokens"] == 16.0
+
+
+def test_a_training_step_leaves_no_loss_tiles_behind(pairs, tmp_path):
+    """The fused loss keeps its CPU tile buffer between its calls; a step hands it back before the next rollouts."""
+    from trd_fast.ops.fused_linear_tiles import kept_tile_bytes
+
+    config = make_config(pairs, tmp_path, distill={"mode": "trd"})
+    task = JsonlTask(config.data)
+    engine = build_engine(config)
+    _, batch = batch_of(config, task, engine, 4, seed=5)
+    train_on(engine.student_model, batch, config.distill, micro_batches=2, epistemic_ids=torch.tensor([10]),
+             teacher_head=engine.teacher_head, budget_bytes=config.budget_bytes)
+    assert kept_tile_bytes() == 0

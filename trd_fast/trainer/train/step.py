@@ -13,6 +13,7 @@ from torch import Tensor
 
 import trd_fast
 from trd_fast.heads import LMHead, lm_head
+from trd_fast.ops.fused_linear_tiles import release_tile_buffers
 from trd_fast.trainer.rollout.capture import concat_targets
 from trd_fast.trainer.run.config import DistillConfig
 from trd_fast.trainer.train.batch import Batch
@@ -131,5 +132,6 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
         sums += torch.stack([v.detach().double() for v in (loss, per_token.sum(), entropy.sum(), mass.sum())])
     count = max(total, 1)
     loss_sum, divergence_sum, entropy_sum, mass_sum = sums.tolist()  # the step's one host sync
+    release_tile_buffers()  # the loss keeps its CPU tiles between its calls: not into the next step's rollouts
     return StepResult(loss=loss_sum, divergence=divergence_sum / count, entropy=entropy_sum / count,
                       epistemic_mass=mass_sum / count, tokens=total, sparse_targets=sparse)
