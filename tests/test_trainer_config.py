@@ -172,3 +172,8 @@ def test_the_memory_budget_defaults_by_device():
 
     assert load_config(None, BASE).budget_bytes == CPU_BUDGET_MB * 2**20
     assert load_config(None, BASE + ["run.memory_budget_mb=2.5"]).budget_bytes == int(2.5 * 2**20)
+
+
+def test_a_removed_key_says_what_replaced_it():
+    with pytest.raises(ValueError, match=r"config distill.dense_target_mb: removed \(teacher targets are"):
+        load_config(None, BASE + ["distill.dense_target_mb=512"])

@@ -332,8 +332,17 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**sections)
 
 
+# Keys of earlier releases, and what took their place (named in the error an old config gets).
+REMOVED = {"distill.dense_target_mb": "teacher targets are the teacher's final hidden states now, never dense "
+                                      "logits; distill.teacher_targets: top_k keeps top-k log-probs instead, and "
+                                      "run.memory_budget_mb bounds a step's memory"}
+
+
 def _build(cls, section: str, values: dict[str, Any]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if f"{section}.{key}" in REMOVED:
+            raise ValueError(f"config {section}.{key}: removed ({REMOVED[f'{section}.{key}']})")
     unknown = set(values) - set(fields)
     if unknown:
         raise ValueError(f"config section {section!r}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
