@@ -180,7 +180,7 @@ def test_gradient_accumulation_matches_one_batch(models, tmp_path):
     torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(models, tmp_path, monkeypatch):
+def test_resume_reproduces_the_uninterrupted_loss_curve(models, tmp_path, monkeypatch, capsys):
     settings = dict(distill={"mode": "trd_splice"}, optim={"steps": 4, "batch_size": 3, "warmup_steps": 1})
     whole_config = make_config(models, tmp_path / "whole", **settings)
     whole = loop.train(whole_config, JsonlTask(whole_config.data))
@@ -197,7 +197,9 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(models, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         loop.train(config, JsonlTask(config.data))
     monkeypatch.setattr(loop, "_one_step", real_step)
+    capsys.readouterr()
     resumed = loop.train(config, JsonlTask(config.data))
+    assert "resuming after step 2 of 4" in capsys.readouterr().out
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)

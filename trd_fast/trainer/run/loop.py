@@ -108,6 +108,9 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
     start = 0
     if config.run.resume:
         start = (load_sharded(out, world=world, **saved) if world.distributed else load_checkpoint(out, **saved)) or 0
+        if start and world.main:
+            tqdm.write(f"{out}: resuming after step {start} of {o.steps} from its checkpoint "
+                       f"(run.resume: false starts over)")
     log = MetricsLog(out, start) if world.main else None
     tokenize = Tokenize(engine.tokenizer)
     epistemic = _token_ids(engine.tokenizer, config.distill.epistemic_tokens)
