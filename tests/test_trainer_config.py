@@ -177,3 +177,12 @@ def test_the_memory_budget_defaults_by_device():
 def test_a_removed_key_says_what_replaced_it():
     with pytest.raises(ValueError, match=r"config distill.dense_target_mb: removed \(teacher targets are"):
         load_config(None, BASE + ["distill.dense_target_mb=512"])
+
+
+def test_null_unsets_the_shipped_task_for_a_jsonl_file(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1 + 1"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"set exactly one of them \(from a config naming a task: --set data.task=null"):
+        load_config(ROOT / "configs" / "chain-trd.yaml", [f"data.train_jsonl={data}"])
+    config = load_config(ROOT / "configs" / "chain-trd.yaml", ["data.task=null", f"data.train_jsonl={data}"])
+    assert config.data.task == "" and config.data.train_jsonl == str(data)

@@ -247,7 +247,8 @@ def _validate(c: TrainConfig) -> None:
     need(bool(c.model.student), "model.student", "a student model directory is required")
     need(bool(c.model.teacher) or d.teacher_source == "self", "model.teacher",
          "an external teacher model directory is required (or set distill.teacher_source=self)")
-    need(bool(c.data.task) != bool(c.data.train_jsonl), "data.task / data.train_jsonl", "set exactly one of them")
+    need(bool(c.data.task) != bool(c.data.train_jsonl), "data.task / data.train_jsonl",
+         "set exactly one of them (from a config naming a task: --set data.task=null --set data.train_jsonl=FILE)")
     for name, allowed in TEMPLATE_FIELDS.items():
         problem = _template_problem(getattr(c.data, name), allowed)
         need(problem is None, f"data.{name}", str(problem))
@@ -375,6 +376,8 @@ def _convert(value: Any, default: Any, key: str) -> Any:
         if isinstance(default, int) and not float(value).is_integer():
             raise ValueError(f"config {key}: expected an integer, got {value!r}")
         return type(default)(value)
+    if value is None:  # `key: null` (or `--set key=null`) unsets a text field
+        return ""
     if not isinstance(value, str):
         raise ValueError(f"config {key}: expected a string, got {value!r}")
     return value
