@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 
@@ -53,8 +54,11 @@ def row_bytes(request: BatchRequest) -> int:
 def split_rows(request: BatchRequest) -> list[BatchRequest]:
     """The request split into consecutive row blocks of at most budget / row_bytes rows each (at least one)."""
     rows = len(request.examples)
-    budget = request.config.budget_bytes
-    size = max(1, min(rows, math.floor(budget / row_bytes(request))))
+    budget, per_row = request.config.budget_bytes, row_bytes(request)
+    if budget < per_row and rows > 1:
+        warnings.warn(f"run.memory_budget_mb ({budget / 2**20:.3g} MiB) is below one row's estimated "
+                      f"{per_row / 2**20:.3g} MiB for rollout and refinement: rows go one at a time", stacklevel=2)
+    size = max(1, min(rows, math.floor(budget / per_row)))
     return [dataclasses.replace(request, examples=request.examples[lo:lo + size],
                                 row_ids=request.row_ids[lo:lo + size]) for lo in range(0, rows, size)]
 
