@@ -251,6 +251,7 @@ def test_a_small_budget_splits_the_step_without_changing_it(pairs, tmp_path, mon
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.filterwarnings("ignore:run.memory_budget_mb")  # the build below one row's budget, on purpose
 def test_rollout_and_refinement_in_row_blocks_give_the_batch_of_one_block(pairs, tmp_path, mode):
     """A greedy student and teacher: the batch built one row per block (a budget smaller than a row) is the batch
     built whole, up to the rounding of a differently padded forward; the statistics are over all rows."""
