@@ -310,3 +310,13 @@ def test_a_training_step_leaves_no_loss_tiles_behind(pairs, tmp_path):
     train_on(engine.student_model, batch, config.distill, micro_batches=2, epistemic_ids=torch.tensor([10]),
              teacher_head=engine.teacher_head, budget_bytes=config.budget_bytes)
     assert kept_tile_bytes() == 0
+
+
+def test_top_k_capture_of_no_positions_is_empty():
+    """A splice cut at position 0 keeps no positions of its scoring hidden states: top-k targets of none."""
+    from trd_fast.heads import LMHead
+    from trd_fast.trainer.rollout.capture import Capture
+
+    head = LMHead(torch.randn(STUDENT_VOCAB, 8), None, 1.0, None)
+    ids, logprobs = Capture(top_k=3, budget_bytes=1 << 20).parts(torch.randn(0, 8), None, head)
+    assert ids.shape == (0, 3) and logprobs.shape == (0, 3)

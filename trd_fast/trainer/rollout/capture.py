@@ -55,15 +55,13 @@ def concat_targets(targets: Sequence[Target]) -> Target:
 
 def row_blocks(rows: int, vocab: int, budget_bytes: int) -> list[slice]:
     """Slices of `rows` positions whose fp32 logit blocks [R, vocab] (with their temporaries) fit `budget_bytes`
-    (at least one row per block)."""
+    (at least one row per block; one empty block for no rows, so a per-block result keeps its shape)."""
     size = max(1, budget_bytes // (LOGIT_TEMPORARIES * 4 * max(vocab, 1)))
-    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)] or [slice(0, 0)]
 
 
 def map_logits(head: LMHead, hidden: Tensor, fn: Callable[[Tensor, slice], Tensor], budget_bytes: int) -> Tensor:
     """fn(logits [R, V] fp32, rows) over row blocks of hidden [N, H] through `head`, concatenated: the per-row
     result of a function of full logits rows without ever holding [N, V]."""
-    if len(hidden) == 0:
-        return fn(head.logits(hidden), slice(0, 0))
     return torch.cat([fn(head.logits(hidden[block]), block)
                       for block in row_blocks(len(hidden), head.weight.shape[0], budget_bytes)])

@@ -28,7 +28,7 @@ def support_stats(student_hidden: Tensor, student_head: LMHead, teacher: Tensor 
     needs_teacher = sparse or top_k is not None or len(epistemic_ids) > 0
     entropy, mass = [], []
     for rows in row_blocks(len(student_hidden), student_head.weight.shape[0] + teacher_head.weight.shape[0],
-                           budget_bytes) or [slice(0, 0)]:
+                           budget_bytes):
         student = student_head.logits(student_hidden[rows].detach())                           # [R, V_s]
         if not needs_teacher:
             entropy.append(_entropy(student[:, :columns]))
