@@ -154,7 +154,7 @@ def main() -> None:
 
     sizes = [SMOKE] if args.smoke else {"all": [SIDE_BY_SIDE, FULL], "side-by-side": [SIDE_BY_SIDE],
                                         "full": [FULL]}[args.size]
-    path = (Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results") / \
+    path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / \
         "engine-scale-cpu.json"
     kept = json.loads(path.read_text(encoding="utf-8"))["rows"] if path.is_file() and not args.smoke else []
     rows = [r for r in kept if (r["prompts"], r["max_new_tokens"]) not in sizes]

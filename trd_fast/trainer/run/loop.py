@@ -161,9 +161,11 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
     engine.student_model.train()
     optimizer.zero_grad(set_to_none=True)
     tokens = int(world.sum([float(sum(len(y) for y in batch.completions))])[0])   # the global normaliser
-    head = engine.teacher_head  # a sharded teacher's head gathered whole (a collective) for the loss
-    teacher_head = dataclasses.replace(head, weight=full_value(head.weight),
-                                       bias=None if head.bias is None else full_value(head.bias))
+    teacher_head = engine.teacher_head
+    if config.distill.teacher_targets != "top_k":  # a sharded teacher's head gathered whole (a collective) for the
+        teacher_head = dataclasses.replace(                # loss; top-k targets read only its size
+            teacher_head, weight=full_value(teacher_head.weight),
+            bias=None if teacher_head.bias is None else full_value(teacher_head.bias))
     result = train_on(engine.student_model, batch, config.distill, micro_batches=config.optim.micro_batches,
                       epistemic_ids=epistemic, teacher_head=teacher_head,
                       budget_bytes=config.budget_bytes, total_tokens=tokens, agree=world.most)

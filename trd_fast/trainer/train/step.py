@@ -67,10 +67,16 @@ def pieces(lengths: list[int], micro_batches: int, tokens: int, at_least: int = 
             held += lengths[row]
         if hi > start:
             out.append((start, hi))
+    return halved(out, at_least)
+
+
+def halved(ranges: list[tuple[int, int]], at_least: int) -> list[tuple[int, int]]:
+    """Row ranges with the range of most rows halved until there are `at_least` (ValueError when too few rows)."""
+    out = list(ranges)
     while len(out) < at_least:
         i = max(range(len(out)), key=lambda j: out[j][1] - out[j][0]) if out else None
         if i is None or out[i][1] - out[i][0] < 2:
-            raise ValueError(f"{rows} rows cannot make {at_least} pieces")
+            raise ValueError(f"{sum(hi - lo for lo, hi in out)} rows cannot make {at_least} pieces")
         lo, hi = out[i]
         out[i:i + 1] = [(lo, (lo + hi) // 2), ((lo + hi) // 2, hi)]
     return out
@@ -108,8 +114,8 @@ def train_on(model, batch: Batch, d: DistillConfig, *, micro_batches: int, epist
     lengths = [len(x) + len(y) for x, y in zip(batch.contexts, batch.completions)]
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, divergence, entropy, epistemic mass
     sparse = False
-    tokens = budget_bytes // activation_bytes(model)
-    for lo, hi in pieces(lengths, micro_batches, tokens, agree(len(pieces(lengths, micro_batches, tokens)))):
+    own = pieces(lengths, micro_batches, budget_bytes // activation_bytes(model))
+    for lo, hi in halved(own, agree(len(own))):
         sequences = [torch.cat([x.to(device), y.to(device)])
                      for x, y in zip(batch.contexts[lo:hi], batch.completions[lo:hi])]
         keep = [torch.arange(len(x) - 1, len(x) + len(y) - 1)
