@@ -18,7 +18,7 @@ from trd_fast.trainer.refine.modes import BUILDERS, build_batch
 from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.run import config as config_module
 from trd_fast.trainer.run import loop
-from trd_fast.trainer.run.config import from_dict
+from trd_fast.trainer.run.config import CONFIG, from_dict
 from trd_fast.trainer.run.engine import build_engine
 from trd_fast.trainer.train.step import train_on
 
@@ -394,3 +394,19 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(models, tmp_pat
         loop.train(resumed, JsonlTask(resumed.data))
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_resume_refuses_a_changed_recipe_and_allows_a_longer_run(models, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = make_config(models, out, optim={"steps": 1, "batch_size": 2})
+    loop.train(first, JsonlTask(first.data))
+    saved = (out / CONFIG).read_text(encoding="utf-8")
+    changed = make_config(models, out, optim={"steps": 2, "batch_size": 2, "lr": 3e-4})
+    with pytest.raises(ValueError, match=r"^config optim\.lr: 0\.0003 here but 0\.001 in .*run\.resume: false"):
+        loop.train(changed, JsonlTask(changed.data))
+    assert (out / CONFIG).read_text(encoding="utf-8") == saved   # the record of the checkpoint stays
+    longer = make_config(models, out, optim={"steps": 2, "batch_size": 2}, run={"eval_every": 2})
+    capsys.readouterr()
+    records = loop.train(longer, JsonlTask(longer.data))
+    assert "resuming after step 1 of 2" in capsys.readouterr().out and [r["step"] for r in records] == [1, 2]
+    assert "steps: 2" in (out / CONFIG).read_text(encoding="utf-8")

@@ -146,6 +146,34 @@ class TrainConfig:
         return torch.get_device_module(device.type).get_device_properties(device).total_memory // GPU_BUDGET_SHARE
 
 
+# Keys a resumed run may set differently from the run whose checkpoint it continues: the run's length, evaluation,
+# where it runs and the run section's bookkeeping (seed excepted). Any other change would go on training the
+# checkpoint with another recipe than the one it was trained with.
+CONFIG = "config.yaml"              # the file in run.output_dir that records the config a run trained with
+RESUMABLE_CHANGES = ("optim.steps", "data.eval_examples", "model.device", "run.")
+NOT_RESUMABLE = ("run.seed",)
+
+
+def resume_conflict(config: TrainConfig, saved_path: Path) -> str | None:
+    """The error for the first key whose value differs between `config` and the config a checkpoint was trained
+    with (`saved_path`, its run's config.yaml; keys it does not hold, from an older version, are not compared), or
+    None when they agree (or the file is missing)."""
+    if not saved_path.is_file():
+        return None
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    now = yaml.safe_load(yaml.safe_dump(config.to_dict(), allow_unicode=True))  # the form config.yaml holds
+    for section, values in now.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name.startswith(RESUMABLE_CHANGES) and name not in NOT_RESUMABLE:
+                continue
+            before = (saved.get(section) or {}).get(key, value)
+            if before != value:
+                return (f"config {name}: {value!r} here but {before!r} in {saved_path}, the config its checkpoint was "
+                        f"trained with; set it back, or run.resume: false to start over")
+    return None
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The interval a numeric config value must lie in (every float must also be finite)."""

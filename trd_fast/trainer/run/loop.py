@@ -19,7 +19,7 @@ from trd_fast.trainer.protocol import Task, Tokenize
 from trd_fast.trainer.refine.modes import build_batch
 from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model_directory
-from trd_fast.trainer.run.config import TrainConfig
+from trd_fast.trainer.run.config import CONFIG, TrainConfig, resume_conflict
 from trd_fast.trainer.run.engine import Engine, build_engine
 from trd_fast.trainer.run.evaluate import EVAL_SEED, accuracy, evaluate
 from trd_fast.trainer.run.examples_check import check_examples, context_length
@@ -96,8 +96,6 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
     out = Path(config.run.output_dir)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
-                                         encoding="utf-8")
     model, o = engine.student_model, config.optim
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=o.lr, weight_decay=o.weight_decay)
@@ -108,9 +106,15 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
     start = 0
     if config.run.resume:
         start = (load_sharded(out, world=world, **saved) if world.distributed else load_checkpoint(out, **saved)) or 0
+        conflict = resume_conflict(config, out / CONFIG) if start else None
+        if conflict:  # every rank reads the same file, so every rank stops here
+            raise ValueError(conflict)
         if start and world.main:
             tqdm.write(f"{out}: resuming after step {start} of {o.steps} from its checkpoint "
                        f"(run.resume: false starts over)")
+    if world.main:
+        (out / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
+                                  encoding="utf-8")
     log = MetricsLog(out, start) if world.main else None
     tokenize = Tokenize(engine.tokenizer)
     epistemic = _token_ids(engine.tokenizer, config.distill.epistemic_tokens)
