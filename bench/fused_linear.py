@@ -19,6 +19,11 @@ Per shape (N rows, vocabulary V, student width H, teacher width 2H), forward KL,
   each call, so that row pays the tiles' first-touch page faults every time).
 
     .venv/bin/python -m bench.fused_linear --only trd_fast,trd_fast_fresh_tiles   # a subset of the variants
+
+Then, at the largest vocabulary, trd_fast alone with larger tile budgets than its own (TILE_BUDGET_MIB), round-robin
+with the default: more rows per block means fewer passes over both heads (each block reads W_s and W_t through the
+projections, and the head gradient once more), at the cost of tile memory of rows x V x 8 bytes (computed, not
+measured: the kept buffer is the largest budget's, so every budget runs on pre-touched tiles).
 """
 
 from __future__ import annotations
@@ -37,10 +42,14 @@ import torch.nn.functional as F  # noqa: E402
 
 import trd_fast  # noqa: E402
 from bench import harness  # noqa: E402
+from trd_fast.constants import DIVERGENCES  # noqa: E402
+from trd_fast.ops import fused_linear_blocks  # noqa: E402
+from trd_fast.ops.fused_linear_ops import _problem  # noqa: E402
 from trd_fast.ops.fused_linear_tiles import kept_tile_bytes, release_tile_buffers  # noqa: E402
 
 MIB = 1 << 20
 THREADS = 2
+TILE_BUDGET_MIB = (512, 1280)  # larger tile budgets than trd_fast's own, at the largest vocabulary (one block at 1280)
 FRESH_TILES = "trd_fast_fresh_tiles"  # trd_fast with its kept tile buffer freed before each call
 SHAPES = {  # rows N, vocabulary V, student width H (the teacher's is 2H); warmup and timed rounds
     "default": [dict(n=2048, v=32768, h=512, warmup=1, rounds=3), dict(n=1024, v=151936, h=1024, warmup=1, rounds=2)],
@@ -191,6 +200,37 @@ def run_case(shape: dict, table: dict) -> dict:
             "returned_gradient_bytes": gradient_bytes, "rows": rows}
 
 
+def tile_budget_sweep(shape: dict, budgets_mib) -> dict:
+    """trd_fast at its own tile budget and at each of budgets_mib, round-robin: seconds per call and the rows per
+    block each budget gives (the tiles: rows x V x 8 bytes)."""
+    n, v, h, warmup, rounds = (shape[key] for key in ("n", "v", "h", "warmup", "rounds"))
+    hs, ws, ht, wt = make_inputs(n, v, h)
+    own = fused_linear_blocks.TILE_BUDGET_BYTES["cpu"] // MIB
+    times = {mib: [] for mib in (own, *budgets_mib)}
+    try:
+        for i in range(warmup + rounds):
+            for mib in times:
+                fused_linear_blocks.TILE_BUDGET_BYTES["cpu"] = int(mib * MIB)
+                hs.grad, ws.grad = None, None
+                start = time.perf_counter()
+                ours(hs, ws, ht, wt).backward()  # the mean: its gradients are formed in the forward, at this budget
+                elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    times[mib].append(elapsed)
+                print(f"  {n}x{v}x{h} tile budget {mib} MiB round {i}: {elapsed:.2f} s", flush=True)
+    finally:
+        fused_linear_blocks.TILE_BUDGET_BYTES["cpu"] = own * MIB
+    flops = problem_flops(n, v, h)
+    rows = []
+    for mib, measured in times.items():
+        block = _problem(hs, ws, None, ht, wt, None, None, None, 1.0, 1.0, None, None, DIVERGENCES.index("forward_kl"),
+                         0.5, 1.0, None, "cpp").row_block(int(mib * MIB))
+        rows.append({"tile_budget_mib": mib, "rows_per_block": block, "blocks": -(-n // block),
+                     "tile_mib": block * v * 8 / MIB, **harness.summarize(measured), "times_s": measured,
+                     "gflop_per_s": flops / statistics.median(measured) / 1e9, "default": mib == own})
+    return {"n": n, "v": v, "h_student": h, "h_teacher": 2 * h, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def targets(case: dict, rate: float) -> dict:
@@ -256,17 +296,26 @@ def main() -> None:
         table_of_variants = {name: entry for name, entry in table_of_variants.items() if name in chosen}
     for shape in SHAPES[mode]:
         document["cases"].append(run_case(shape, table_of_variants))
+    largest = max(SHAPES[mode], key=lambda shape: shape["v"])
+    budgets = (0.25, 0.5) if args.smoke else TILE_BUDGET_MIB  # smoke: budgets of several blocks of its tiny shape
+    document["tile_budget_sweep"] = tile_budget_sweep(largest, budgets)
     rate_after = matmul_rate(1024 if args.smoke else 4096)
     document["matmul_rate"] = [rate_before, rate_after]
     document["matmul_rate_gflop_per_s"] = max(rate_before["gflop_per_s"], rate_after["gflop_per_s"])
     document["loadavg_at_end"] = harness.loadavg()
     for case in document["cases"]:
         case["targets"] = targets(case, document["matmul_rate_gflop_per_s"])
+    for row in document["tile_budget_sweep"]["rows"]:
+        row["matmul_rate_fraction"] = row["gflop_per_s"] / document["matmul_rate_gflop_per_s"]
     path = (Path(tempfile.gettempdir()) if args.smoke or args.only else harness.RESULTS_DIR) / "fused-linear-cpu.json"
     harness.write_json(path, document)
     print(table(document))
     for case in document["cases"]:
         print(f"{case['n']}x{case['v']}: targets {case['targets']}")
+    for row in document["tile_budget_sweep"]["rows"]:
+        print(f"tile budget {row['tile_budget_mib']} MiB: {row['blocks']} blocks of {row['rows_per_block']} rows, "
+              f"tiles {row['tile_mib']:.0f} MiB, median {row['median_s']:.2f} s, "
+              f"{100 * row['matmul_rate_fraction']:.0f}% of the matmul rate")
     print(f"wrote {path}")
 
 
