@@ -296,18 +296,22 @@ def chi_square(observed: dict, law: dict, count: int) -> tuple[float, int]:
     return stat, cells - 1
 
 
-def exact_law(model, context, sampling, vocab_size):
-    """P(y_1 .. y_SAMPLED | context) under the filtered sampling distribution, by enumerating prefixes (fp64)."""
-    law = {(): 1.0}
+def exact_law(model, context, sampling, vocab_size, eos_id=None):
+    """P(y_1 .. y_SAMPLED | context) under the filtered sampling distribution, by enumerating prefixes (fp64). A
+    prefix ending in eos_id is a complete row: it keeps its probability and grows no further."""
+    law, open_ = {}, {(): 1.0}
     for _ in range(SAMPLED):
-        prefixes = list(law)
+        prefixes = list(open_)
         ids = torch.stack([torch.cat([context, torch.tensor(p, dtype=torch.int64)]) for p in prefixes])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[:, -1].float()
         weights = filtered_weights(logits, sampling, vocab_size).double()
         probs = weights / weights.sum(-1, keepdim=True)
-        law = {p + (t,): law[p] * float(probs[i, t]) for i, p in enumerate(prefixes)
-               for t in range(probs.shape[1]) if probs[i, t] > 0}
+        grown = {p + (t,): open_[p] * float(probs[i, t]) for i, p in enumerate(prefixes)
+                 for t in range(probs.shape[1]) if probs[i, t] > 0}
+        law.update({p: q for p, q in grown.items() if p[-1] == eos_id})
+        open_ = {p: q for p, q in grown.items() if p[-1] != eos_id}
+    law.update(open_)
     return law
 
 
@@ -350,24 +354,6 @@ def test_sampled_drafts_keep_the_sampling_distribution(sampling):
         assert stat > chi_square_threshold(df)
 
 
-def exact_law_stopping(model, context, sampling, vocab_size, eos_id):
-    """exact_law for rows that stop at eos_id: a prefix ending in it is complete and kept as it is."""
-    law, open_ = {}, {(): 1.0}
-    for _ in range(SAMPLED):
-        prefixes = list(open_)
-        ids = torch.stack([torch.cat([context, torch.tensor(p, dtype=torch.int64)]) for p in prefixes])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[:, -1].float()
-        weights = filtered_weights(logits, sampling, vocab_size).double()
-        probs = weights / weights.sum(-1, keepdim=True)
-        grown = {p + (t,): open_[p] * float(probs[i, t]) for i, p in enumerate(prefixes)
-                 for t in range(probs.shape[1]) if probs[i, t] > 0}
-        law.update({p: q for p, q in grown.items() if p[-1] == eos_id})
-        open_ = {p: q for p, q in grown.items() if p[-1] != eos_id}
-    law.update(open_)
-    return law
-
-
 def test_looked_up_drafts_and_stopped_rows_keep_the_sampling_distribution():
     """Rows whose source is used up draft from their context (Lookup), and rows that stop at EOS stay in the batch,
     fed nothing, until they are FINISHED_SHARE of it: the other rows' output law is still the model's own."""
@@ -377,7 +363,7 @@ def test_looked_up_drafts_and_stopped_rows_keep_the_sampling_distribution():
         model.lm_head.weight.mul_(0.25)
     vocab, eos = SMALL_VOCAB - 1, 2
     context = torch.tensor([3, 4, 5, 3, 4, 1, 3])     # its last token occurred before: a looked-up draft from the start
-    law = exact_law_stopping(model, context, sampling, vocab, eos)
+    law = exact_law(model, context, sampling, vocab, eos)
     assert 0.1 < sum(q for p, q in law.items() if len(p) < SAMPLED) < 0.9   # rows stop early, and not all of them
     sources = [torch.tensor([], dtype=torch.int64), torch.tensor([4]), torch.tensor([5, 0])]
     runner = Runner(model, pad_id=PAD, eos_id=eos, name="teacher", vocab_size=vocab)
