@@ -53,3 +53,15 @@ def test_demo_refuses_no_jobs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         miniature(tmp_path, jobs=0)
     assert "--jobs: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_failed_run_stops_the_demo_with_its_error(tmp_path):
+    """A run that fails in its worker process ends the demo with that run's error, and writes no report."""
+    broken = tmp_path / "opd" / "seed-0"
+    broken.mkdir(parents=True)
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    args = miniature(tmp_path, jobs=2)
+    args.seeds, args.methods = [0], ["opd", "trd"]
+    with pytest.raises(ValueError, match=r"checkpoint .*opd.seed-0.checkpoint\.pt cannot be read"):
+        demo.run(args)
+    assert not (tmp_path / "report.json").exists()

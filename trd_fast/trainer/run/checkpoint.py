@@ -67,7 +67,11 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     path = directory / CHECKPOINT
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # not a torch file, or cut short: written by something else than save_checkpoint
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); remove it, or set "
+                         f"run.resume=false") from error
     missing = set(trainable_state(model)) - set(state["model"])
     if missing:
         raise ValueError(f"checkpoint {path} does not match the model: {len(missing)} trainable tensors missing, "
