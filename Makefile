@@ -10,19 +10,21 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 export MAX_JOBS ?= 2
+# The torch whose CPU wheel this machine holds: both venvs install it (where no torch is importable).
+CPU_TORCH := 2.13.0
 
 .PHONY: install demo pretrain test test-floors bench clean
 
 install: $(VENV)/.installed
 
 # Keep a torch that is already importable (a GPU box): the venv then sees the system site-packages.
-# Otherwise install torch==2.13.0, whose CPU wheel this machine holds.
+# Otherwise install torch==$(CPU_TORCH).
 $(VENV)/bin/python:
 	@if python3 -c "import torch" 2>/dev/null; then \
 		echo "make: using the importable torch $$(python3 -c 'import torch; print(torch.__version__)')"; \
 		python3 -m venv --system-site-packages $(VENV); \
 	else \
-		python3 -m venv $(VENV) && $(VENV)/bin/python -m pip --disable-pip-version-check install -q torch==2.13.0; \
+		python3 -m venv $(VENV) && $(VENV)/bin/python -m pip --disable-pip-version-check install -q torch==$(CPU_TORCH); \
 	fi
 
 $(VENV)/.installed: $(VENV)/bin/python $(SOURCES)
@@ -39,17 +41,17 @@ pretrain: install
 test: install
 	$(PY) -m pytest -q tests
 
-# The floor venv: torch==2.13.0 first, then the package with every pure-Python floor pinned (.ci/floors.py), so pip
-# never resolves another torch. It is editable and builds no extension: it loads the trd_fast._C that `install`
-# built in place for the same torch. $(VENV) is not touched.
+# The floor venv: torch==$(CPU_TORCH) first, then the package with every pure-Python floor pinned (.ci/floors.py),
+# so pip never resolves another torch. It is editable and builds no extension: it loads the trd_fast._C that
+# `install` built in place for the same torch. $(VENV) is not touched.
 FLOOR_VENV ?= .venv-floor
 FLOOR_TESTS := tests/test_trainer_*.py tests/test_task.py tests/test_integration_*.py
 
 $(FLOOR_VENV)/.installed: pyproject.toml .ci/floors.py | install
 	rm -rf $(FLOOR_VENV)
 	python3 -m venv $(FLOOR_VENV)
-	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q torch==2.13.0 setuptools wheel
-	$(PY) .ci/floors.py > $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q torch==$(CPU_TORCH) setuptools wheel
+	$(PY) .ci/floors.py $(CPU_TORCH) > $(FLOOR_VENV)/constraints.txt
 	TRD_FAST_SKIP_EXT=1 $(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q \
 		-c $(FLOOR_VENV)/constraints.txt --no-build-isolation -e ".[test]"
 	@touch $@

@@ -1,20 +1,20 @@
 """The declared floors of pyproject.toml, and the pip constraints of the floor venv (make test-floors).
 
-    python .ci/floors.py    prints one `name==floor` line per floored pure-Python requirement, and torch==2.13.0
+    python .ci/floors.py TORCH    prints one `name==floor` line per floored pure-Python requirement, and torch==TORCH
 
-The floor venv pins every requirement with a `>=` floor to that floor, except torch (CI has only the 2.13.0 CPU
-wheel) and triton (not pure Python; its 3.6 interpreter fails under numpy >= 2.4, so CI runs the newest and the
-GPU check runs the GPU image's 3.6 compiled).
+The floor venv pins every requirement with a `>=` floor to that floor, except torch (CI has only one CPU wheel, the
+Makefile's CPU_TORCH, passed as TORCH) and triton (not pure Python; its 3.6 interpreter fails under numpy >= 2.4, so
+CI runs the newest and the GPU check runs the GPU image's 3.6 compiled).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from pathlib import Path
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
-CI_TORCH = "2.13.0"             # the torch wheel this machine holds
 NOT_PINNED = ("torch", "triton")
 
 
@@ -34,10 +34,12 @@ def floors(pyproject: Path = PYPROJECT) -> dict[str, str]:
     return found
 
 
-def constraints() -> list[str]:
-    return [f"torch=={CI_TORCH}"] + [f"{name}=={version}" for name, version in sorted(floors().items())
+def constraints(torch_version: str) -> list[str]:
+    return [f"torch=={torch_version}"] + [f"{name}=={version}" for name, version in sorted(floors().items())
                                      if name not in NOT_PINNED]
 
 
 if __name__ == "__main__":
-    print("\n".join(constraints()))
+    if len(sys.argv) != 2:
+        sys.exit("usage: python .ci/floors.py TORCH_VERSION (the torch the floor venv installs)")
+    print("\n".join(constraints(sys.argv[1])))
