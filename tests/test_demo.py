@@ -9,6 +9,7 @@ import pytest
 
 from trd_fast.drivers import demo
 from trd_fast.drivers.demo import METHODS
+from trd_fast.trainer.run.checkpoint import CHECKPOINT
 
 
 def miniature(output, jobs):
@@ -57,11 +58,12 @@ def test_demo_refuses_no_jobs(tmp_path, capsys):
 
 def test_a_failed_run_stops_the_demo_with_its_error(tmp_path):
     """A run that fails in its worker process ends the demo with that run's error, and writes no report."""
-    broken = tmp_path / "opd" / "seed-0"
-    broken.mkdir(parents=True)
-    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    for method in ("opd", "trd"):  # both runs fail at once, so the test waits for no healthy run
+        broken = tmp_path / method / "seed-0"
+        broken.mkdir(parents=True)
+        (broken / CHECKPOINT).write_bytes(b"not a checkpoint")
     args = miniature(tmp_path, jobs=2)
     args.seeds, args.methods = [0], ["opd", "trd"]
-    with pytest.raises(ValueError, match=r"checkpoint .*opd.seed-0.checkpoint\.pt cannot be read"):
+    with pytest.raises(ValueError, match=r"checkpoint .*(opd|trd).seed-0.checkpoint\.pt cannot be read"):
         demo.run(args)
     assert not (tmp_path / "report.json").exists()

@@ -15,7 +15,7 @@ import pytest
 from tiny_models import make_pair, write_jsonl
 from trd_fast.tasks.jsonl import JsonlTask, read_examples
 from trd_fast.trainer.run import loop
-from trd_fast.trainer.run.config import from_dict
+from trd_fast.trainer.run.config import CONFIG, from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 UNICODE = "café — ✓ 😀 日本語"
@@ -64,7 +64,7 @@ def test_utf8_files_train_and_eval_under_an_ascii_locale(models, tmp_path):
     script = f"from trd_fast.cli import main\nfor argv in {commands!r}:\n    main(argv)\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
-    written = (tmp_path / "run" / "config.yaml").read_text(encoding="utf-8")
+    written = (tmp_path / "run" / CONFIG).read_text(encoding="utf-8")
     assert "✓ {prompt}" in written  # the config dump is readable UTF-8, not escapes
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])["step"] == 1
     assert json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["problems"] == 4

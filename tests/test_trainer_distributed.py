@@ -171,9 +171,16 @@ def interrupted_while_checkpointing(rank: int, raw: dict) -> dict:
 
 
 def resumed_then_poisoned(rank: int, raw: dict) -> dict:
-    """Resume the interrupted run to its end; then, in a fresh run, rank 1's loss turns NaN at step 2."""
+    """Resume the interrupted run to its end, and then once more with another learning rate (refused); then, in a
+    fresh run, rank 1's loss turns NaN at step 2."""
     config = from_dict(raw)
     records = loop.train(config, JsonlTask(config.data))
+    changed = from_dict({**raw, "optim": {**raw["optim"], "lr": 3 * config.optim.lr}})
+    try:
+        loop.train(changed, JsonlTask(changed.data))
+        refused = None
+    except ValueError as error:
+        refused = str(error)
     real = loop.train_on
 
     def poisoned(*args, **kwargs):
@@ -191,7 +198,7 @@ def resumed_then_poisoned(rank: int, raw: dict) -> dict:
         error = None
     except loop.NonFiniteLoss as stopped:
         error = str(stopped)
-    return {"records": records, "nan_error": error}
+    return {"records": records, "refused": refused, "nan_error": error}
 
 
 def stalled_rank(rank: int, raw: dict) -> dict:
@@ -316,6 +323,9 @@ def test_stopped_while_checkpointing_resumes_onto_the_uninterrupted_curve(models
     resumed = [json.loads((tmp_path / "resume" / f"rank{r}.json").read_text()) for r in range(RANKS)]
     assert_same_run(resumed[0]["records"], reference, tmp_path / "two" / "student", tmp_path / "one" / "student")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3"]
+    for report in resumed:  # every rank refuses a changed recipe, naming the key, before loading any model
+        assert report["refused"] and report["refused"].startswith("config optim.lr: ")
+        assert f"{CHECKPOINTS}; set it back" in report["refused"]
     # A NaN loss on rank 1 alone stops both ranks at step 2, before its optimizer step and checkpoint.
     for report in resumed:
         assert report["nan_error"] and "non-finite loss (nan) at step 2" in report["nan_error"]

@@ -18,6 +18,7 @@ from trd_fast.trainer.refine.modes import BUILDERS, build_batch
 from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.run import config as config_module
 from trd_fast.trainer.run import loop
+from trd_fast.trainer.run.checkpoint import CHECKPOINT
 from trd_fast.trainer.run.config import CONFIG, from_dict
 from trd_fast.trainer.run.engine import build_engine
 from trd_fast.trainer.train.step import train_on
@@ -400,13 +401,31 @@ def test_resume_refuses_a_changed_recipe_and_allows_a_longer_run(models, tmp_pat
     out = tmp_path / "run"
     first = make_config(models, out, optim={"steps": 1, "batch_size": 2})
     loop.train(first, JsonlTask(first.data))
-    saved = (out / CONFIG).read_text(encoding="utf-8")
-    changed = make_config(models, out, optim={"steps": 2, "batch_size": 2, "lr": 3e-4})
-    with pytest.raises(ValueError, match=r"^config optim\.lr: 0\.0003 here but 0\.001 in .*run\.resume: false"):
-        loop.train(changed, JsonlTask(changed.data))
-    assert (out / CONFIG).read_text(encoding="utf-8") == saved   # the record of the checkpoint stays
-    longer = make_config(models, out, optim={"steps": 2, "batch_size": 2}, run={"eval_every": 2})
+    for changed, message in (({"optim": {"steps": 2, "batch_size": 2, "lr": 3e-4}}, r"optim\.lr: 0\.0003 here but 0\.001"),
+                             ({"optim": {"steps": 2, "batch_size": 2}, "run": {"seed": 7}}, r"run\.seed: 7 here but 0")):
+        config = make_config(models, out, **changed)
+        with pytest.raises(ValueError, match=rf"^config {message} in the config that trained .*checkpoint\.pt; "
+                                             r"set it back, or run\.resume: false"):
+            loop.train(config, JsonlTask(config.data))
+    longer = make_config(models, out, optim={"steps": 2, "batch_size": 2, "micro_batches": 2},
+                         data={"eval_examples": 4}, run={"eval_every": 2})
     capsys.readouterr()
     records = loop.train(longer, JsonlTask(longer.data))
     assert "resuming after step 1 of 2" in capsys.readouterr().out and [r["step"] for r in records] == [1, 2]
     assert "steps: 2" in (out / CONFIG).read_text(encoding="utf-8")
+    state = torch.load(out / CHECKPOINT, weights_only=False)     # a checkpoint of a version that kept no config
+    del state["config"]
+    torch.save(state, out / CHECKPOINT)
+    older = make_config(models, out, optim={"steps": 3, "batch_size": 2, "lr": 3e-4})
+    assert [r["step"] for r in loop.train(older, JsonlTask(older.data))] == [1, 2, 3]
+
+
+def test_an_unreadable_checkpoint_stops_the_run_naming_it(models, tmp_path):
+    config = make_config(models, tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"^checkpoint .*checkpoint\.pt cannot be read \(not a file torch\.save wrote\)"):
+        loop.train(config, JsonlTask(config.data))
+    torch.save({"step": 3}, tmp_path / CHECKPOINT)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is not a training checkpoint of this engine"):
+        loop.train(config, JsonlTask(config.data))

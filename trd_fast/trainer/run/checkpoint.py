@@ -1,13 +1,15 @@
-"""Atomic training checkpoints: the student (or its LoRA adapters), the optimizer, the schedule, every RNG
-and the data position, written to a temporary file and renamed over the previous checkpoint; and model
-directories, written beside the previous one and swapped in whole."""
+"""Atomic training checkpoints: the student (or its LoRA adapters), the optimizer, the schedule, every RNG,
+the data position and the config that trained them, written to a temporary file and renamed over the previous
+checkpoint; and model directories, written beside the previous one and swapped in whole."""
 
 from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +45,12 @@ def non_finite_values(state, prefix: str = "") -> list[str]:
             for where in non_finite_values(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
-def save_checkpoint(directory: Path, *, step: int, model, optimizer, scheduler, generator: torch.Generator) -> Path:
+def save_checkpoint(directory: Path, *, step: int, config: dict, model, optimizer, scheduler,
+                    generator: torch.Generator) -> Path:
+    """Write the run's state after `step` optimizer steps, with `config` (TrainConfig.to_dict()) that trained it."""
     state = {
         "step": step,  # optimizer steps done; the data position is step * batch_size
+        "config": config,
         "model": trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -67,11 +72,7 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     path = directory / CHECKPOINT
     if not path.is_file():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # not a torch file, or cut short: written by something else than save_checkpoint
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); remove it, or set "
-                         f"run.resume=false") from error
+    state = _read(path)
     missing = set(trainable_state(model)) - set(state["model"])
     if missing:
         raise ValueError(f"checkpoint {path} does not match the model: {len(missing)} trainable tensors missing, "
@@ -88,6 +89,27 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     random.setstate(state["python_rng"])
     np.random.set_state(state["numpy_rng"])
     return int(state["step"])
+
+
+def checkpoint_config(directory: Path) -> dict | None:
+    """The config (TrainConfig.to_dict()) that trained the checkpoint in `directory`; None when there is no
+    checkpoint, or it is from a version that did not record one. Its tensors are mapped, not read."""
+    path = directory / CHECKPOINT
+    return _read(path, mmap=True).get("config") if path.is_file() else None
+
+
+def _read(path: Path, mmap: bool = False) -> dict:
+    """The state save_checkpoint wrote to `path`; ValueError naming the file when it is not one."""
+    advice = "remove it, or set run.resume=false"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ValueError(f"checkpoint {path} cannot be read (not a file torch.save wrote); {advice}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError) as error:  # cut short, or damaged
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); {advice}") from error
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"checkpoint {path} is not a training checkpoint of this engine; {advice}")
+    return state
 
 
 def atomic_save(state: dict, path: Path) -> None:

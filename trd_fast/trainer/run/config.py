@@ -146,32 +146,36 @@ class TrainConfig:
         return torch.get_device_module(device.type).get_device_properties(device).total_memory // GPU_BUDGET_SHARE
 
 
-# Keys a resumed run may set differently from the run whose checkpoint it continues: the run's length, evaluation,
-# where it runs and the run section's bookkeeping (seed excepted). Any other change would go on training the
-# checkpoint with another recipe than the one it was trained with.
-CONFIG = "config.yaml"              # the file in run.output_dir that records the config a run trained with
-RESUMABLE_CHANGES = ("optim.steps", "data.eval_examples", "model.device", "run.")
-NOT_RESUMABLE = ("run.seed",)
+CONFIG = "config.yaml"  # the file that records a config: in run.output_dir, and with each sharded checkpoint
+
+# What a resumed run may set differently from the run whose checkpoint it continues: the run's length and its split
+# into micro-batches, evaluation and logging, where the models run, how the teacher is drafted and scored (the same
+# tokens, targets and cut), and the run section's bookkeeping (its seed excepted). Any other change would go on
+# training the checkpoint with another recipe than the one it was trained with.
+RESUMABLE_KEYS = frozenset({"optim.steps", "optim.micro_batches", "data.eval_examples", "data.eval_jsonl",
+                            "model.device", "model.teacher_placement", "distill.draft_tokens", "distill.draft_match",
+                            "distill.splice_chunk", "distill.epistemic_tokens"})
+RESUMABLE_SECTIONS = frozenset({"run"})
+NOT_RESUMABLE = frozenset({"run.seed"})
 
 
-def resume_conflict(config: TrainConfig, saved_path: Path) -> str | None:
-    """The error for the first key whose value differs between `config` and the config a checkpoint was trained
-    with (`saved_path`, its run's config.yaml; keys it does not hold, from an older version, are not compared), or
-    None when they agree (or the file is missing)."""
-    if not saved_path.is_file():
-        return None
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    now = yaml.safe_load(yaml.safe_dump(config.to_dict(), allow_unicode=True))  # the form config.yaml holds
+def check_resumable(config: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
+    """ValueError naming the first key whose value differs between `config` and `saved`, the config that trained
+    `checkpoint` (TrainConfig.to_dict(), or its YAML), outside what a resume may change (RESUMABLE_KEYS). Keys that
+    `saved` does not hold (an older version's) are not compared; `saved` None (no record) checks nothing."""
+    if saved is None:
+        return
+    before, now = (yaml.safe_load(yaml.safe_dump(d, allow_unicode=True)) for d in (saved, config.to_dict()))
     for section, values in now.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if name.startswith(RESUMABLE_CHANGES) and name not in NOT_RESUMABLE:
+            if name in RESUMABLE_KEYS or (section in RESUMABLE_SECTIONS and name not in NOT_RESUMABLE):
                 continue
-            before = (saved.get(section) or {}).get(key, value)
-            if before != value:
-                return (f"config {name}: {value!r} here but {before!r} in {saved_path}, the config its checkpoint was "
-                        f"trained with; set it back, or run.resume: false to start over")
-    return None
+            recorded = before.get(section)
+            old = recorded.get(key, value) if isinstance(recorded, dict) else value
+            if old != value:
+                raise ValueError(f"config {name}: {value!r} here but {old!r} in the config that trained {checkpoint}; "
+                                 f"set it back, or run.resume: false to start over")
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,15 @@ from tqdm.auto import tqdm
 from trd_fast.trainer.protocol import Task, Tokenize
 from trd_fast.trainer.refine.modes import build_batch
 from trd_fast.trainer.refine.request import BatchRequest
-from trd_fast.trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model_directory
-from trd_fast.trainer.run.config import CONFIG, TrainConfig, resume_conflict
+from trd_fast.trainer.run.checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint, save_checkpoint, \
+    save_model_directory
+from trd_fast.trainer.run.config import CONFIG, TrainConfig, check_resumable
 from trd_fast.trainer.run.engine import Engine, build_engine
 from trd_fast.trainer.run.evaluate import EVAL_SEED, accuracy, evaluate
 from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, merge_records, plot_curves, read_metrics
 from trd_fast.trainer.run.schedule import cosine_schedule
-from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS, load_sharded, save_sharded
+from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS, load_sharded, save_sharded, sharded_config
 from trd_fast.trainer.run.sharding import full_value, shard, unsharded
 from trd_fast.trainer.run.world import World, run_world
 from trd_fast.trainer.train.step import train_on
@@ -79,6 +80,10 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
         if not world.main:  # rank 0 alone shows progress, transformers' loading bars included
             from transformers.utils import logging as transformers_logging
             transformers_logging.disable_progress_bar()
+    out = Path(config.run.output_dir)
+    if config.run.resume:  # before any model is loaded: a changed recipe stops here, on every rank alike
+        check_resumable(config, sharded_config(out) if world.distributed else checkpoint_config(out),
+                        out / (CHECKPOINTS if world.distributed else CHECKPOINT))
     engine = engine or build_engine(config)
     if world.distributed:
         shard(engine.student_model, trains=True)
@@ -93,9 +98,10 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
                    **contexts)
     if config.run.eval_every:
         check_examples(config, task, engine.tokenizer, eval_examples, split="eval", with_teacher=False, **contexts)
-    out = Path(config.run.output_dir)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
+                                  encoding="utf-8")
     model, o = engine.student_model, config.optim
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=o.lr, weight_decay=o.weight_decay)
@@ -106,15 +112,9 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
     start = 0
     if config.run.resume:
         start = (load_sharded(out, world=world, **saved) if world.distributed else load_checkpoint(out, **saved)) or 0
-        conflict = resume_conflict(config, out / CONFIG) if start else None
-        if conflict:  # every rank reads the same file, so every rank stops here
-            raise ValueError(conflict)
         if start and world.main:
             tqdm.write(f"{out}: resuming after step {start} of {o.steps} from its checkpoint "
                        f"(run.resume: false starts over)")
-    if world.main:
-        (out / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
-                                  encoding="utf-8")
     log = MetricsLog(out, start) if world.main else None
     tokenize = Tokenize(engine.tokenizer)
     epistemic = _token_ids(engine.tokenizer, config.distill.epistemic_tokens)
@@ -132,9 +132,9 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
         last = step + 1 == o.steps
         if last or (config.run.checkpoint_every and (step + 1) % config.run.checkpoint_every == 0):
             if world.distributed:
-                save_sharded(out, step=step + 1, world=world, **saved)
+                save_sharded(out, step=step + 1, config=config.to_dict(), world=world, **saved)
             else:
-                save_checkpoint(out, step=step + 1, **saved)
+                save_checkpoint(out, step=step + 1, config=config.to_dict(), **saved)
 
     state = _student_state(model, world) if config.run.save_student else None  # the run's last collective
     # Rank 0's own work from here on (the curves, the student's files) follows the last collective, so no rank waits

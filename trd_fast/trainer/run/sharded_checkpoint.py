@@ -1,7 +1,7 @@
 """Checkpoints of a multi-process run with torch.distributed.checkpoint: every rank writes its shards of the student
 and of the optimizer state, with the schedule, the data position and its own RNG states, into
-`checkpoints/step-N.tmp/`; when every rank has finished, rank 0 renames it to `checkpoints/step-N/` and removes the
-older ones. A write interrupted at any point leaves the previous `step-*` directory whole, and only complete ones
+`checkpoints/step-N.tmp/` (rank 0 adds the config that trained them, config.yaml); when every rank has finished,
+rank 0 renames it to `checkpoints/step-N/` and removes the older ones. A write interrupted at any point leaves the previous `step-*` directory whole, and only complete ones
 are ever resumed."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trd_fast.trainer.run.checkpoint import NonFiniteState, non_finite_values
+from trd_fast.trainer.run.config import CONFIG
 from trd_fast.trainer.run.sharding import local_value
 from trd_fast.trainer.run.world import World
 
@@ -24,9 +26,10 @@ CHECKPOINTS = "checkpoints"
 STEP_DIRECTORY = re.compile(r"step-(\d+)")
 
 
-def save_sharded(directory: Path, *, step: int, model, optimizer, scheduler, generator: torch.Generator,
+def save_sharded(directory: Path, *, step: int, config: dict, model, optimizer, scheduler, generator: torch.Generator,
                  world: World) -> Path:
-    """Write the run's state after `step` optimizer steps (every rank calls it); returns the checkpoint directory.
+    """Write the run's state after `step` optimizer steps, with `config` (TrainConfig.to_dict()) that trained it
+    (every rank calls it); returns the checkpoint directory.
     NonFiniteState on every rank, nothing renamed, when any rank's shards hold NaN or inf."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     bad = non_finite_values({"model": _local(model_state), "optimizer": _local(optimizer_state)})
@@ -48,6 +51,7 @@ def save_sharded(directory: Path, *, step: int, model, optimizer, scheduler, gen
     # checkpoint's files (one per rank and the metadata), a few file-system operations whatever the model's size,
     # so the wait stays far below run.collective_timeout_s. The writing itself is spread over the ranks.
     if world.main:
+        (temporary / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)
         for older in _complete(root):
@@ -86,6 +90,22 @@ def load_sharded(directory: Path, *, model, optimizer, scheduler, generator: tor
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     return int(state["step"])
+
+
+def sharded_config(directory: Path) -> dict | None:
+    """The config (TrainConfig.to_dict()) that trained the newest complete checkpoint under `directory`; None when
+    there is none, or it is from a version that did not record one."""
+    complete = _complete(directory / CHECKPOINTS)
+    path = complete[-1] / CONFIG if complete else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} cannot be read ({error}); remove the checkpoint, or set run.resume=false") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a config mapping; remove the checkpoint, or set run.resume=false")
+    return config
 
 
 def _complete(root: Path) -> list[Path]:
