@@ -20,10 +20,11 @@ Per shape (N rows, vocabulary V, student width H, teacher width 2H), forward KL,
 
     .venv/bin/python -m bench.fused_linear --only trd_fast,trd_fast_fresh_tiles   # a subset of the variants
 
-Then, at the largest vocabulary, trd_fast alone with larger tile budgets than its own (TILE_BUDGET_MIB), round-robin
-with the default: more rows per block means fewer passes over both heads (each block reads W_s and W_t through the
-projections, and the head gradient once more), at the cost of tile memory of rows x V x 8 bytes (computed, not
-measured: the kept buffer is the largest budget's, so every budget runs on pre-touched tiles).
+Then (not with --only), at the largest vocabulary, trd_fast alone with larger tile budgets than its own
+(TILE_BUDGET_MIB), round-robin with the default: more rows per block means fewer passes over both heads (each block
+reads W_s and W_t through the projections, and the head gradient once more), at the cost of tile memory of rows x V
+x 8 bytes (computed, not measured: the kept buffer is the largest budget's, so every budget runs on pre-touched
+tiles).
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ def tile_budget_sweep(shape: dict, budgets_mib) -> dict:
                 print(f"  {n}x{v}x{h} tile budget {mib} MiB round {i}: {elapsed:.2f} s", flush=True)
     finally:
         fused_linear_blocks.TILE_BUDGET_BYTES["cpu"] = own * MIB
+        release_tile_buffers()  # the largest budget's buffer
     flops = problem_flops(n, v, h)
     rows = []
     for mib, measured in times.items():
@@ -296,23 +298,25 @@ def main() -> None:
         table_of_variants = {name: entry for name, entry in table_of_variants.items() if name in chosen}
     for shape in SHAPES[mode]:
         document["cases"].append(run_case(shape, table_of_variants))
-    largest = max(SHAPES[mode], key=lambda shape: shape["v"])
-    budgets = (0.25, 0.5) if args.smoke else TILE_BUDGET_MIB  # smoke: budgets of several blocks of its tiny shape
-    document["tile_budget_sweep"] = tile_budget_sweep(largest, budgets)
+    if not args.only:
+        largest = max(SHAPES[mode], key=lambda shape: shape["v"])
+        budgets = (0.25, 0.5) if args.smoke else TILE_BUDGET_MIB  # smoke: budgets of several blocks of its shape
+        document["tile_budget_sweep"] = tile_budget_sweep(largest, budgets)
     rate_after = matmul_rate(1024 if args.smoke else 4096)
     document["matmul_rate"] = [rate_before, rate_after]
     document["matmul_rate_gflop_per_s"] = max(rate_before["gflop_per_s"], rate_after["gflop_per_s"])
     document["loadavg_at_end"] = harness.loadavg()
     for case in document["cases"]:
         case["targets"] = targets(case, document["matmul_rate_gflop_per_s"])
-    for row in document["tile_budget_sweep"]["rows"]:
+    sweep = document.get("tile_budget_sweep", {"rows": []})["rows"]
+    for row in sweep:
         row["matmul_rate_fraction"] = row["gflop_per_s"] / document["matmul_rate_gflop_per_s"]
     path = (Path(tempfile.gettempdir()) if args.smoke or args.only else harness.RESULTS_DIR) / "fused-linear-cpu.json"
     harness.write_json(path, document)
     print(table(document))
     for case in document["cases"]:
         print(f"{case['n']}x{case['v']}: targets {case['targets']}")
-    for row in document["tile_budget_sweep"]["rows"]:
+    for row in sweep:
         print(f"tile budget {row['tile_budget_mib']} MiB: {row['blocks']} blocks of {row['rows_per_block']} rows, "
               f"tiles {row['tile_mib']:.0f} MiB, median {row['median_s']:.2f} s, "
               f"{100 * row['matmul_rate_fraction']:.0f}% of the matmul rate")
