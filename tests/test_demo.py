@@ -57,8 +57,9 @@ def test_demo_refuses_no_jobs(tmp_path, capsys):
 
 
 def test_a_failed_run_stops_the_demo_with_its_error(tmp_path):
-    """A run that fails in its worker process ends the demo with that run's error, and writes no report."""
-    for method in ("opd", "trd"):  # both runs fail at once, so the test waits for no healthy run
+    """A run that fails in its worker process ends the demo with that run's error, and writes no report (both runs
+    fail at once here, so the test waits for no healthy run to finish)."""
+    for method in ("opd", "trd"):
         broken = tmp_path / method / "seed-0"
         broken.mkdir(parents=True)
         (broken / CHECKPOINT).write_bytes(b"not a checkpoint")

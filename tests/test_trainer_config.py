@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from trd_fast.trainer.run.config import NUMERIC_BOUNDS, TrainConfig, load_config
+from trd_fast.trainer.run.config import NUMERIC_BOUNDS, TrainConfig, check_resumable, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.student=s", "model.teacher=t", "data.task=chain"]
@@ -186,3 +187,25 @@ def test_null_unsets_the_shipped_task_for_a_jsonl_file(tmp_path):
         load_config(ROOT / "configs" / "chain-trd.yaml", [f"data.train_jsonl={data}"])
     config = load_config(ROOT / "configs" / "chain-trd.yaml", ["data.task=null", f"data.train_jsonl={data}"])
     assert config.data.task == "" and config.data.train_jsonl == str(data)
+
+
+def test_a_resume_is_checked_against_the_recorded_config():
+    config = load_config(None, BASE)
+    where = Path("runs/x/checkpoint.pt")
+    recorded = config.to_dict()                            # tuples here, as the checkpoint keeps them
+    check_resumable(config, recorded, where)
+    check_resumable(config, yaml.safe_load(yaml.safe_dump(recorded)), where)   # lists, as config.yaml holds them
+    check_resumable(config, None, where)                   # no record: nothing to compare
+    older = {**recorded, "distill": {k: v for k, v in recorded["distill"].items() if k != "draft_tokens"}}
+    older.pop("rollout")                                   # keys and sections an older version did not have
+    check_resumable(dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, top_k=5)), older, where)
+    check_resumable(config, {**recorded, "optim": [1]}, where)   # a section that is not a mapping: not compared
+    resumable = dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps=7, micro_batches=2),
+                                    run=dataclasses.replace(config.run, eval_every=3, progress=False))
+    check_resumable(resumable, recorded, where)
+    for changed, key in ((dataclasses.replace(config, run=dataclasses.replace(config.run, seed=1)), "run.seed"),
+                         (dataclasses.replace(config, model=dataclasses.replace(config.model, lora_targets=("q_proj",))),
+                          "model.lora_targets")):
+        with pytest.raises(ValueError, match=rf"^config {re.escape(key)}: .* in the config that trained the checkpoint "
+                                             rf"\(runs/x/checkpoint\.pt\); set it back"):
+            check_resumable(changed, recorded, where)

@@ -323,9 +323,9 @@ def test_stopped_while_checkpointing_resumes_onto_the_uninterrupted_curve(models
     resumed = [json.loads((tmp_path / "resume" / f"rank{r}.json").read_text()) for r in range(RANKS)]
     assert_same_run(resumed[0]["records"], reference, tmp_path / "two" / "student", tmp_path / "one" / "student")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3"]
-    for report in resumed:  # every rank refuses a changed recipe, naming the key, before loading any model
+    for report in resumed:  # every rank refuses a changed recipe, naming the key and the checkpoint's record
         assert report["refused"] and report["refused"].startswith("config optim.lr: ")
-        assert f"{CHECKPOINTS}; set it back" in report["refused"]
+        assert f"{CHECKPOINTS}/step-3/config.yaml); set it back" in report["refused"]
     # A NaN loss on rank 1 alone stops both ranks at step 2, before its optimizer step and checkpoint.
     for report in resumed:
         assert report["nan_error"] and "non-finite loss (nan) at step 2" in report["nan_error"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 
 import pytest
 import torch
@@ -397,16 +398,24 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(models, tmp_pat
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
-def test_resume_refuses_a_changed_recipe_and_allows_a_longer_run(models, tmp_path, capsys):
+def test_resume_refuses_a_changed_recipe_and_allows_a_longer_run(models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     first = make_config(models, out, optim={"steps": 1, "batch_size": 2})
     loop.train(first, JsonlTask(first.data))
-    for changed, message in (({"optim": {"steps": 2, "batch_size": 2, "lr": 3e-4}}, r"optim\.lr: 0\.0003 here but 0\.001"),
-                             ({"optim": {"steps": 2, "batch_size": 2}, "run": {"seed": 7}}, r"run\.seed: 7 here but 0")):
+    real_build = loop.build_engine
+
+    def refused(changed: dict, message: str) -> None:  # stops before any model is loaded, leaving the run's files
+        files = {name: (out / name).read_bytes() for name in (CONFIG, "metrics.jsonl", CHECKPOINT)}
+        monkeypatch.setattr(loop, "build_engine", lambda config: pytest.fail("a model was loaded"))
         config = make_config(models, out, **changed)
-        with pytest.raises(ValueError, match=rf"^config {message} in the config that trained .*checkpoint\.pt; "
-                                             r"set it back, or run\.resume: false"):
+        with pytest.raises(ValueError, match=rf"^config {message} in the config that trained the checkpoint "
+                                             r"\(.*checkpoint\.pt\); set it back, or run\.resume: false"):
             loop.train(config, JsonlTask(config.data))
+        monkeypatch.setattr(loop, "build_engine", real_build)
+        assert {name: (out / name).read_bytes() for name in files} == files
+
+    refused({"optim": {"steps": 2, "batch_size": 2, "lr": 3e-4}}, r"optim\.lr: 0\.0003 here but 0\.001")
+    refused({"optim": {"steps": 2, "batch_size": 2}, "run": {"seed": 7}}, r"run\.seed: 7 here but 0")
     longer = make_config(models, out, optim={"steps": 2, "batch_size": 2, "micro_batches": 2},
                          data={"eval_examples": 4}, run={"eval_every": 2})
     capsys.readouterr()
@@ -418,13 +427,29 @@ def test_resume_refuses_a_changed_recipe_and_allows_a_longer_run(models, tmp_pat
     torch.save(state, out / CHECKPOINT)
     older = make_config(models, out, optim={"steps": 3, "batch_size": 2, "lr": 3e-4})
     assert [r["step"] for r in loop.train(older, JsonlTask(older.data))] == [1, 2, 3]
+    assert "resuming after step 2 of 3" in capsys.readouterr().out
+    # A run told to start over removes the checkpoint with the metrics, even when it stops before its own first one,
+    # so no later resume can continue the old state under its config and metrics.
+    monkeypatch.setattr(loop, "_one_step", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("stopped")))
+    over = make_config(models, out, optim={"steps": 2, "batch_size": 2, "lr": 2e-4}, run={"resume": False})
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(over, JsonlTask(over.data))
+    monkeypatch.undo()
+    assert not (out / CHECKPOINT).exists() and (out / "metrics.jsonl").read_text() == ""
+    again = make_config(models, out, optim={"steps": 1, "batch_size": 2, "lr": 3e-4})
+    assert [r["step"] for r in loop.train(again, JsonlTask(again.data))] == [1]
 
 
 def test_an_unreadable_checkpoint_stops_the_run_naming_it(models, tmp_path):
     config = make_config(models, tmp_path)
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"^checkpoint .*checkpoint\.pt cannot be read \(not a file torch\.save wrote\)"):
+    with pytest.raises(ValueError, match=r"^checkpoint .*checkpoint\.pt cannot be read \(not a file torch\.save "
+                                         r"wrote\)"):
+        loop.train(config, JsonlTask(config.data))
+    with zipfile.ZipFile(tmp_path / CHECKPOINT, "w") as archive:  # a zip archive, but no torch.save one
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(ValueError, match=r"^checkpoint .*checkpoint\.pt cannot be read \(RuntimeError"):
         loop.train(config, JsonlTask(config.data))
     torch.save({"step": 3}, tmp_path / CHECKPOINT)
     with pytest.raises(ValueError, match=r"checkpoint\.pt is not a training checkpoint of this engine"):

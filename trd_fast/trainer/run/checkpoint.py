@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import random
 import shutil
 import zipfile
@@ -91,11 +90,11 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     return int(state["step"])
 
 
-def checkpoint_config(directory: Path) -> dict | None:
-    """The config (TrainConfig.to_dict()) that trained the checkpoint in `directory`; None when there is no
-    checkpoint, or it is from a version that did not record one. Its tensors are mapped, not read."""
+def checkpoint_config(directory: Path) -> tuple[dict | None, Path]:
+    """The config (TrainConfig.to_dict()) that trained the checkpoint in `directory`, and where it is recorded; None
+    when there is no checkpoint, or it is from a version that did not record one. Its tensors are mapped, not read."""
     path = directory / CHECKPOINT
-    return _read(path, mmap=True).get("config") if path.is_file() else None
+    return (_read(path, mmap=True).get("config") if path.is_file() else None), path
 
 
 def _read(path: Path, mmap: bool = False) -> dict:
@@ -105,7 +104,7 @@ def _read(path: Path, mmap: bool = False) -> dict:
         raise ValueError(f"checkpoint {path} cannot be read (not a file torch.save wrote); {advice}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError) as error:  # cut short, or damaged
+    except Exception as error:  # a damaged archive, or one whose objects this environment cannot rebuild
         raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); {advice}") from error
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"checkpoint {path} is not a training checkpoint of this engine; {advice}")

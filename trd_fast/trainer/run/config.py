@@ -150,8 +150,9 @@ CONFIG = "config.yaml"  # the file that records a config: in run.output_dir, and
 
 # What a resumed run may set differently from the run whose checkpoint it continues: the run's length and its split
 # into micro-batches, evaluation and logging, where the models run, how the teacher is drafted and scored (the same
-# tokens, targets and cut), and the run section's bookkeeping (its seed excepted). Any other change would go on
-# training the checkpoint with another recipe than the one it was trained with.
+# tokens, targets and cut from a greedy teacher; the same distribution from a sampled one), and the run section's
+# bookkeeping (its seed excepted). Any other change would go on training the checkpoint with another recipe than
+# the one it was trained with.
 RESUMABLE_KEYS = frozenset({"optim.steps", "optim.micro_batches", "data.eval_examples", "data.eval_jsonl",
                             "model.device", "model.teacher_placement", "distill.draft_tokens", "distill.draft_match",
                             "distill.splice_chunk", "distill.epistemic_tokens"})
@@ -160,9 +161,10 @@ NOT_RESUMABLE = frozenset({"run.seed"})
 
 
 def check_resumable(config: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
-    """ValueError naming the first key whose value differs between `config` and `saved`, the config that trained
-    `checkpoint` (TrainConfig.to_dict(), or its YAML), outside what a resume may change (RESUMABLE_KEYS). Keys that
-    `saved` does not hold (an older version's) are not compared; `saved` None (no record) checks nothing."""
+    """ValueError naming the first key whose value differs between `config` and `saved`, the config that trained a
+    checkpoint (TrainConfig.to_dict(), or its YAML; recorded at `checkpoint`), outside what a resume may change
+    (RESUMABLE_KEYS, and RESUMABLE_SECTIONS but NOT_RESUMABLE). Keys that `saved` does not hold (an older
+    version's) are not compared; `saved` None (no record) checks nothing."""
     if saved is None:
         return
     before, now = (yaml.safe_load(yaml.safe_dump(d, allow_unicode=True)) for d in (saved, config.to_dict()))
@@ -174,8 +176,8 @@ def check_resumable(config: TrainConfig, saved: dict | None, checkpoint: Path) -
             recorded = before.get(section)
             old = recorded.get(key, value) if isinstance(recorded, dict) else value
             if old != value:
-                raise ValueError(f"config {name}: {value!r} here but {old!r} in the config that trained {checkpoint}; "
-                                 f"set it back, or run.resume: false to start over")
+                raise ValueError(f"config {name}: {value!r} here but {old!r} in the config that trained the checkpoint "
+                                 f"({checkpoint}); set it back, or run.resume: false to start over")
 
 
 @dataclass(frozen=True)

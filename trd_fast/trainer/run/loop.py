@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, merge_reco
 from trd_fast.trainer.run.schedule import cosine_schedule
 from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS, load_sharded, save_sharded, sharded_config
 from trd_fast.trainer.run.sharding import full_value, shard, unsharded
-from trd_fast.trainer.run.world import World, run_world
+from trd_fast.trainer.run.world import World, distributed, run_world
 from trd_fast.trainer.train.step import train_on
 
 
@@ -64,6 +65,9 @@ def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list
     """Run (or resume) training as configured; returns the metrics records of the whole run. Under torchrun every
     rank runs it on its share of each step's global batch; rank 0 alone writes files, logs and returns the
     records (the other ranks return [])."""
+    if config.run.resume:  # before a process group or any model: a changed recipe stops here, on every rank alike
+        out = Path(config.run.output_dir)
+        check_resumable(config, *(sharded_config(out) if distributed() else checkpoint_config(out)))
     o = config.optim
     with run_world(config.model.device, batch_size=o.batch_size, micro_batches=o.micro_batches,
                    timeout_s=config.run.collective_timeout_s) as world:
@@ -80,10 +84,6 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
         if not world.main:  # rank 0 alone shows progress, transformers' loading bars included
             from transformers.utils import logging as transformers_logging
             transformers_logging.disable_progress_bar()
-    out = Path(config.run.output_dir)
-    if config.run.resume:  # before any model is loaded: a changed recipe stops here, on every rank alike
-        check_resumable(config, sharded_config(out) if world.distributed else checkpoint_config(out),
-                        out / (CHECKPOINTS if world.distributed else CHECKPOINT))
     engine = engine or build_engine(config)
     if world.distributed:
         shard(engine.student_model, trains=True)
@@ -98,8 +98,11 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
                    **contexts)
     if config.run.eval_every:
         check_examples(config, task, engine.tokenizer, eval_examples, split="eval", with_teacher=False, **contexts)
+    out = Path(config.run.output_dir)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
+        if not config.run.resume:  # starting over: the previous run's checkpoints go with its metrics, so that none
+            _discard_checkpoints(out)  # is resumed later under this run's config and metrics
         (out / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
                                   encoding="utf-8")
     model, o = engine.student_model, config.optim
@@ -178,7 +181,7 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
         [result.loss, result.divergence, result.entropy, result.epistemic_mass, float(result.sparse_targets)])
     result.sparse_targets = bool(sparse)
     if not math.isfinite(result.loss):  # the same sum on every rank: all stop here, before the optimizer step
-        kept = CHECKPOINTS if world.distributed else "checkpoint.pt"
+        kept = CHECKPOINTS if world.distributed else CHECKPOINT
         raise NonFiniteLoss(f"non-finite loss ({result.loss}) at step {step + 1}; the run stops here and "
                             f"{config.run.output_dir}/{kept} keeps the last good state")
     grad_norm = (full_value(torch.nn.utils.clip_grad_norm_(engine.student_model.parameters(),
@@ -213,6 +216,12 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
                       f"top_k): trd then departs from the paper's full-vocabulary forward KL (recorded as "
                       f"sparse_targets in metrics.jsonl)", stacklevel=2)
     return record
+
+
+def _discard_checkpoints(out: Path) -> None:
+    """Removes the checkpoints a previous run left in `out` (both kinds)."""
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def _evaluate_shared(engine, task, tokenize, examples, config, world: World) -> float:

@@ -1,11 +1,12 @@
 """Checkpoints of a multi-process run with torch.distributed.checkpoint: every rank writes its shards of the student
 and of the optimizer state, with the schedule, the data position and its own RNG states, into
-`checkpoints/step-N.tmp/` (rank 0 adds the config that trained them, config.yaml); when every rank has finished,
-rank 0 renames it to `checkpoints/step-N/` and removes the older ones. A write interrupted at any point leaves the previous `step-*` directory whole, and only complete ones
-are ever resumed."""
+`checkpoints/step-N.tmp/`, where rank 0 first records the config that trained them (config.yaml); when every rank
+has finished, rank 0 renames it to `checkpoints/step-N/` and removes the older ones. A write interrupted at any
+point leaves the previous `step-*` directory whole, and only complete ones are ever resumed."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -42,6 +43,7 @@ def save_sharded(directory: Path, *, step: int, config: dict, model, optimizer, 
     if world.main:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
+        _write_synced(temporary / CONFIG, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     world.barrier()
     state = {"step": step,  # optimizer steps done; the data position is step * batch_size
              "model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
@@ -51,7 +53,6 @@ def save_sharded(directory: Path, *, step: int, config: dict, model, optimizer, 
     # checkpoint's files (one per rank and the metadata), a few file-system operations whatever the model's size,
     # so the wait stays far below run.collective_timeout_s. The writing itself is spread over the ranks.
     if world.main:
-        (temporary / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)
         for older in _complete(root):
@@ -92,20 +93,29 @@ def load_sharded(directory: Path, *, model, optimizer, scheduler, generator: tor
     return int(state["step"])
 
 
-def sharded_config(directory: Path) -> dict | None:
-    """The config (TrainConfig.to_dict()) that trained the newest complete checkpoint under `directory`; None when
-    there is none, or it is from a version that did not record one."""
+def sharded_config(directory: Path) -> tuple[dict | None, Path]:
+    """The config (TrainConfig.to_dict()) that trained the newest complete checkpoint under `directory`, and where it
+    is recorded; None when there is none, or it is from a version that did not record one."""
     complete = _complete(directory / CHECKPOINTS)
-    path = complete[-1] / CONFIG if complete else None
-    if path is None or not path.is_file():
-        return None
+    path = complete[-1] / CONFIG if complete else directory / CHECKPOINTS
+    if not path.is_file():
+        return None, path
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} cannot be read ({error}); remove the checkpoint, or set run.resume=false") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"{path} cannot be read ({reason}); remove the checkpoint, or set run.resume=false") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} is not a config mapping; remove the checkpoint, or set run.resume=false")
-    return config
+    return config, path
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """`text` into `path`, flushed to disk (it joins a checkpoint whose shards dcp flushes too)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _complete(root: Path) -> list[Path]:

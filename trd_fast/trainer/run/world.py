@@ -85,6 +85,11 @@ def launched() -> bool:
     return all(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
+def distributed() -> bool:
+    """Training runs in a process group: this process was launched as a rank, or one is already initialised."""
+    return launched() or dist.is_initialized()
+
+
 def rank_device(device: str) -> torch.device:
     """The device of this rank: `device` itself on one process; under a launcher, cuda:LOCAL_RANK when `device` is
     a CUDA device (the index in the config is ignored: one device per rank) and the CPU otherwise."""
@@ -122,7 +127,7 @@ def run_world(device: str, *, batch_size: int, micro_batches: int, timeout_s: fl
     exception on this rank is printed with the rank and aborts the group, so the other ranks fail at once instead of
     waiting.
     ValueError (before any work) when the global batch does not split evenly into `micro_batches` per rank."""
-    if not launched() and not dist.is_initialized():
+    if not distributed():
         yield World(rank=0, size=1, device=torch.device(device), distributed=False)
         return
     size = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
