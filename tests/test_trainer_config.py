@@ -196,10 +196,12 @@ def test_a_resume_is_checked_against_the_recorded_config():
     check_resumable(config, recorded, where)
     check_resumable(config, yaml.safe_load(yaml.safe_dump(recorded)), where)   # lists, as config.yaml holds them
     check_resumable(config, None, where)                   # no record: nothing to compare
-    older = {**recorded, "distill": {k: v for k, v in recorded["distill"].items() if k != "draft_tokens"}}
+    older = {**recorded, "distill": {k: v for k, v in recorded["distill"].items() if k != "clip"}}
     older.pop("rollout")                                   # keys and sections an older version did not have
-    check_resumable(dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, top_k=5)), older, where)
-    check_resumable(config, {**recorded, "optim": [1]}, where)   # a section that is not a mapping: not compared
+    check_resumable(dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, top_k=5),
+                                        distill=dataclasses.replace(config.distill, clip=0.3)), older, where)
+    with pytest.raises(ValueError, match=r"^the config recorded at runs/x/checkpoint\.pt is damaged \(its optim "):
+        check_resumable(config, {**recorded, "optim": [1]}, where)
     resumable = dataclasses.replace(config, optim=dataclasses.replace(config.optim, steps=7, micro_batches=2),
                                     run=dataclasses.replace(config.run, eval_every=3, progress=False))
     check_resumable(resumable, recorded, where)

@@ -19,9 +19,10 @@ from trd_fast.trainer.refine.modes import BUILDERS, build_batch
 from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.run import config as config_module
 from trd_fast.trainer.run import loop
-from trd_fast.trainer.run.checkpoint import CHECKPOINT
+from trd_fast.trainer.run.checkpoint import CHECKPOINT, discard_checkpoint
 from trd_fast.trainer.run.config import CONFIG, from_dict
 from trd_fast.trainer.run.engine import build_engine
+from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS, discard_sharded
 from trd_fast.trainer.train.step import train_on
 
 MODES = ("opd", "trd", "trd_splice")
@@ -436,7 +437,8 @@ def test_resume_refuses_a_changed_recipe_and_allows_a_longer_run(models, tmp_pat
         loop.train(over, JsonlTask(over.data))
     monkeypatch.undo()
     assert not (out / CHECKPOINT).exists() and (out / "metrics.jsonl").read_text() == ""
-    again = make_config(models, out, optim={"steps": 1, "batch_size": 2, "lr": 3e-4})
+    assert (out / "student" / "config.json").is_file()          # what is not a checkpoint stays
+    again = make_config(models, out, optim={"steps": 1, "batch_size": 2, "lr": 2e-4})   # the start-over's recipe
     assert [r["step"] for r in loop.train(again, JsonlTask(again.data))] == [1]
 
 
@@ -454,3 +456,21 @@ def test_an_unreadable_checkpoint_stops_the_run_naming_it(models, tmp_path):
     torch.save({"step": 3}, tmp_path / CHECKPOINT)
     with pytest.raises(ValueError, match=r"checkpoint\.pt is not a training checkpoint of this engine"):
         loop.train(config, JsonlTask(config.data))
+
+
+def test_starting_over_removes_only_the_checkpoints_it_wrote(tmp_path):
+    for name in ("step-2", "step-3.tmp", "step-x", "mine"):
+        (tmp_path / CHECKPOINTS / name).mkdir(parents=True)
+    (tmp_path / CHECKPOINTS / "notes.txt").write_text("kept")
+    for name in (CHECKPOINT, f".{CHECKPOINT}.tmp-123", "checkpoint.pt.bak"):
+        (tmp_path / name).write_text("x")
+    discard_sharded(tmp_path)
+    discard_checkpoint(tmp_path)
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["mine", "notes.txt", "step-x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt.bak", CHECKPOINTS]
+    for name in ("mine", "step-x", "notes.txt"):
+        target = tmp_path / CHECKPOINTS / name
+        target.rmdir() if target.is_dir() else target.unlink()
+    (tmp_path / CHECKPOINTS / "step-4").mkdir()
+    discard_sharded(tmp_path)
+    assert not (tmp_path / CHECKPOINTS).exists()             # emptied of what it wrote, the folder goes too

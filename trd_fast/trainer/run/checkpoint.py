@@ -97,6 +97,13 @@ def checkpoint_config(directory: Path) -> tuple[dict | None, Path]:
     return (_read(path, mmap=True).get("config") if path.is_file() else None), path
 
 
+def discard_checkpoint(directory: Path) -> None:
+    """Removes the checkpoint save_checkpoint wrote in `directory`, and temporary files of interrupted writes."""
+    (directory / CHECKPOINT).unlink(missing_ok=True)
+    for temporary in directory.glob(f".{CHECKPOINT}.tmp-*"):
+        temporary.unlink()
+
+
 def _read(path: Path, mmap: bool = False) -> dict:
     """The state save_checkpoint wrote to `path`; ValueError naming the file when it is not one."""
     advice = "remove it, or set run.resume=false"

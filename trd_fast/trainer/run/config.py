@@ -109,7 +109,8 @@ class RunConfig:
     seed: int = 0                      # data order, sampling and initialisation
     checkpoint_every: int = 50         # steps between checkpoints (and one at the end); 0: only at the end
     eval_every: int = 0                # steps between evaluations on eval_examples; 0: none during training
-    resume: bool = True                # continue from output_dir/checkpoint.pt when it exists
+    resume: bool = True                # continue from output_dir/checkpoint.pt (torchrun: checkpoints/) when it
+                                       # exists; false starts over, removing them once the models are loaded
     progress: bool = True              # tqdm bars for steps and rollouts
     save_student: bool = True          # save the trained student with save_pretrained at the end
     memory_budget_mb: float = 0.0      # MiB the engine may hold at once in each part of a step: the rollout and
@@ -173,8 +174,11 @@ def check_resumable(config: TrainConfig, saved: dict | None, checkpoint: Path) -
             name = f"{section}.{key}"
             if name in RESUMABLE_KEYS or (section in RESUMABLE_SECTIONS and name not in NOT_RESUMABLE):
                 continue
-            recorded = before.get(section)
-            old = recorded.get(key, value) if isinstance(recorded, dict) else value
+            recorded = before.get(section, {})
+            if not isinstance(recorded, dict):
+                raise ValueError(f"the config recorded at {checkpoint} is damaged (its {section} section is not a "
+                                 f"mapping); remove the checkpoint, or set run.resume=false")
+            old = recorded.get(key, value)
             if old != value:
                 raise ValueError(f"config {name}: {value!r} here but {old!r} in the config that trained the checkpoint "
                                  f"({checkpoint}); set it back, or run.resume: false to start over")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -19,15 +18,16 @@ from tqdm.auto import tqdm
 from trd_fast.trainer.protocol import Task, Tokenize
 from trd_fast.trainer.refine.modes import build_batch
 from trd_fast.trainer.refine.request import BatchRequest
-from trd_fast.trainer.run.checkpoint import CHECKPOINT, checkpoint_config, load_checkpoint, save_checkpoint, \
-    save_model_directory
+from trd_fast.trainer.run.checkpoint import CHECKPOINT, checkpoint_config, discard_checkpoint, load_checkpoint, \
+    save_checkpoint, save_model_directory
 from trd_fast.trainer.run.config import CONFIG, TrainConfig, check_resumable
 from trd_fast.trainer.run.engine import Engine, build_engine
 from trd_fast.trainer.run.evaluate import EVAL_SEED, accuracy, evaluate
 from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, merge_records, plot_curves, read_metrics
 from trd_fast.trainer.run.schedule import cosine_schedule
-from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS, load_sharded, save_sharded, sharded_config
+from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS, discard_sharded, load_sharded, save_sharded, \
+    sharded_config
 from trd_fast.trainer.run.sharding import full_value, shard, unsharded
 from trd_fast.trainer.run.world import World, distributed, run_world
 from trd_fast.trainer.train.step import train_on
@@ -102,7 +102,8 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         if not config.run.resume:  # starting over: the previous run's checkpoints go with its metrics, so that none
-            _discard_checkpoints(out)  # is resumed later under this run's config and metrics
+            discard_checkpoint(out)  # is resumed later under this run's config and metrics
+            discard_sharded(out)
         (out / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
                                   encoding="utf-8")
     model, o = engine.student_model, config.optim
@@ -216,12 +217,6 @@ def _one_step(config, task, engine, tokenize, examples, step, generator, optimiz
                       f"top_k): trd then departs from the paper's full-vocabulary forward KL (recorded as "
                       f"sparse_targets in metrics.jsonl)", stacklevel=2)
     return record
-
-
-def _discard_checkpoints(out: Path) -> None:
-    """Removes the checkpoints a previous run left in `out` (both kinds)."""
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def _evaluate_shared(engine, task, tokenize, examples, config, world: World) -> float:

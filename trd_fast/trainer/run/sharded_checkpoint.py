@@ -118,6 +118,19 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def discard_sharded(directory: Path) -> None:
+    """Removes the checkpoints save_sharded wrote under `directory` (finished and unfinished `step-N` directories,
+    then `checkpoints/` itself if nothing else is in it); anything else there is left alone."""
+    root = directory / CHECKPOINTS
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry.is_dir() and STEP_DIRECTORY.fullmatch(entry.name.removesuffix(".tmp")):
+            shutil.rmtree(entry)
+    if not any(root.iterdir()):
+        root.rmdir()
+
+
 def _complete(root: Path) -> list[Path]:
     """The finished checkpoint directories under `root`, oldest first (a `.tmp` one is an unfinished write)."""
     if not root.is_dir():
