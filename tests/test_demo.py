@@ -3,9 +3,11 @@ that reuses finished runs instead of training them again."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
+import torch
 
 from trd_fast.drivers import demo
 from trd_fast.drivers.demo import METHODS
@@ -13,7 +15,6 @@ from trd_fast.trainer.run.checkpoint import CHECKPOINT
 
 
 def miniature(output, jobs):
-    import argparse
     parser = demo.add_arguments(argparse.ArgumentParser())
     return parser.parse_args(["--output", str(output), "--seeds", "0", "1", "--steps", "2", "--batch-size", "4",
                               "--eval-problems", "24", "--curve-every", "1", "--curve-problems", "8",
@@ -68,3 +69,16 @@ def test_a_failed_run_stops_the_demo_with_its_error(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint .*(opd|trd).seed-0.checkpoint\.pt cannot be read"):
         demo.run(args)
     assert not (tmp_path / "report.json").exists()
+
+
+def test_an_unfinished_run_started_with_other_arguments_says_how_to_go_on(tmp_path):
+    args = miniature(tmp_path, jobs=1)
+    args.seeds, args.methods = [0], ["opd"]
+    started = argparse.Namespace(**{**vars(args), "steps": 20})           # its warmup was 2 steps, now it is 1
+    run_dir = tmp_path / "opd" / "seed-0"
+    run_dir.mkdir(parents=True)
+    torch.save({"model": {}, "config": demo.run_config(started, "opd", 0).to_dict()}, run_dir / CHECKPOINT)
+    with pytest.raises(ValueError, match=r"^config optim\.warmup_steps: 1 here but 2 in the config that trained the "
+                                         r"checkpoint .*; an unfinished demo run resumes only with the arguments that "
+                                         r"started it: rerun with those, remove .*opd.seed-0, or use another --output"):
+        demo.run(args)

@@ -24,7 +24,7 @@ from trd_fast.tasks.chain import ChainTask
 from trd_fast.tasks.paths import checkpoint_dir
 from trd_fast.text_files import read_utf8
 from trd_fast.trainer.refine.stats import REFINEMENT
-from trd_fast.trainer.run.config import TrainConfig, from_dict
+from trd_fast.trainer.run.config import ResumeConflict, TrainConfig, from_dict
 from trd_fast.trainer.run.evaluate import EVAL_SEED, evaluate_saved
 from trd_fast.trainer.run.loop import train
 from trd_fast.trainer.run.metrics import METRICS, read_metrics
@@ -130,7 +130,11 @@ def _train_and_evaluate(args: argparse.Namespace, method: str, seed: int, held_o
     config = run_config(quiet, method, seed)
     run_dir = Path(config.run.output_dir)
     began = time.perf_counter()
-    train(config, ChainTask())
+    try:
+        train(config, ChainTask())
+    except ResumeConflict as error:  # run.resume is not the demo's to set: say what is
+        raise ValueError(f"{error.difference}; an unfinished demo run resumes only with the arguments that started "
+                         f"it: rerun with those, remove {run_dir}, or use another --output") from None
     _final_eval(run_dir / "final.json", str(run_dir / "student"), ChainTask(), held_out, quiet,
                 extra={"wall_s": time.perf_counter() - began, "threads": torch.get_num_threads(), "jobs": jobs})
 

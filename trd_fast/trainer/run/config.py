@@ -161,8 +161,24 @@ RESUMABLE_SECTIONS = frozenset({"run"})
 NOT_RESUMABLE = frozenset({"run.seed"})
 
 
+class ResumeConflict(ValueError):
+    """A resumed run's config differs at `key` from the one that trained its checkpoint (recorded at `checkpoint`)."""
+
+    def __init__(self, key: str, here: Any, recorded: Any, checkpoint: Path):
+        self.key, self.here, self.recorded, self.checkpoint = key, here, recorded, checkpoint
+        super().__init__(f"{self.difference}; set it back, or run.resume: false to start over")
+
+    @property
+    def difference(self) -> str:
+        return (f"config {self.key}: {self.here!r} here but {self.recorded!r} in the config that trained the "
+                f"checkpoint ({self.checkpoint})")
+
+    def __reduce__(self):  # rebuilt from its fields (an error raised in a worker process reaches its parent)
+        return ResumeConflict, (self.key, self.here, self.recorded, self.checkpoint)
+
+
 def check_resumable(config: TrainConfig, saved: dict | None, checkpoint: Path) -> None:
-    """ValueError naming the first key whose value differs between `config` and `saved`, the config that trained a
+    """ResumeConflict naming the first key whose value differs between `config` and `saved`, the config that trained a
     checkpoint (TrainConfig.to_dict(), or its YAML; recorded at `checkpoint`), outside what a resume may change
     (RESUMABLE_KEYS, and RESUMABLE_SECTIONS but NOT_RESUMABLE). Keys that `saved` does not hold (an older
     version's) are not compared; `saved` None (no record) checks nothing."""
@@ -180,8 +196,7 @@ def check_resumable(config: TrainConfig, saved: dict | None, checkpoint: Path) -
                                  f"mapping); remove the checkpoint, or set run.resume=false")
             old = recorded.get(key, value)
             if old != value:
-                raise ValueError(f"config {name}: {value!r} here but {old!r} in the config that trained the checkpoint "
-                                 f"({checkpoint}); set it back, or run.resume: false to start over")
+                raise ResumeConflict(name, value, old, checkpoint)
 
 
 @dataclass(frozen=True)
