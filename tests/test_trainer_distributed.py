@@ -420,15 +420,36 @@ def test_trd_fast_train_nproc_execs_torchrun(models, tmp_path, monkeypatch):
                          "trd_fast.cli", "train", "--config", str(config), "--set", "optim.steps=2"]]
 
 
-@pytest.mark.parametrize("nproc, settings, message", [
-    ("3", [], "config optim.batch_size: 8 prompts must split evenly over 3 processes"),
-    ("2", ["--set", "optim.micro_batches=8"], "config optim.micro_batches: 8 micro-batches need at least as many"),
-    ("2", ["--set", "optim.lr=2"], "config optim.lr: must be in (0, 1]")])
+def a_single_process_checkpoint(out: Path) -> None:
+    out.mkdir(parents=True)
+    torch.save({"model": {}}, out / "checkpoint.pt")
+
+
+def a_sharded_checkpoint_trained_with(lr: float):
+    def make(out: Path) -> None:
+        (out / CHECKPOINTS / "step-1").mkdir(parents=True)
+        (out / CHECKPOINTS / "step-1" / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": lr}}))
+    return make
+
+
+@pytest.mark.parametrize("nproc, settings, earlier, message", [
+    ("3", [], None, "config optim.batch_size: 8 prompts must split evenly over 3 processes"),
+    ("2", ["--set", "optim.micro_batches=8"], None,
+     "config optim.micro_batches: 8 micro-batches need at least as many"),
+    ("2", ["--set", "optim.lr=2"], None, "config optim.lr: must be in (0, 1]"),
+    ("2", [], a_single_process_checkpoint,
+     "{out}/checkpoint.pt was written by a run in one process: resume it the same way"),
+    ("2", [], a_sharded_checkpoint_trained_with(0.5),
+     "config optim.lr: 0.001 here but 0.5 in the config that trained the checkpoint "
+     "({out}/checkpoints/step-1/config.yaml)")])
 def test_trd_fast_train_nproc_refuses_bad_input_before_starting_processes(models, tmp_path, monkeypatch, capsys,
-                                                                         nproc, settings, message):
+                                                                         nproc, settings, earlier, message):
     launched = recorded_execv(monkeypatch)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(raw_config(models, tmp_path / "out")), encoding="utf-8")
+    config, out = tmp_path / "c.yaml", tmp_path / "out"
+    config.write_text(yaml.safe_dump(raw_config(models, out)), encoding="utf-8")
+    if earlier:
+        earlier(out)
+    message = message.format(out=out)
     with pytest.raises(SystemExit) as ended:
         cli.main(["train", "--config", str(config), "--nproc", nproc, *settings])
     assert ended.value.code == 2 and not launched  # exit 2, torchrun never started

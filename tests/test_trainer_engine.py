@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zipfile
 
 import pytest
@@ -474,3 +475,11 @@ def test_starting_over_removes_only_the_checkpoints_it_wrote(tmp_path):
     (tmp_path / CHECKPOINTS / "step-4").mkdir()
     discard_sharded(tmp_path)
     assert not (tmp_path / CHECKPOINTS).exists()             # emptied of what it wrote, the folder goes too
+
+
+def test_a_resume_that_would_miss_the_other_kind_of_checkpoint_is_refused(models, tmp_path):
+    (tmp_path / CHECKPOINTS / "step-2").mkdir(parents=True)       # written under torchrun
+    config = make_config(models, tmp_path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / CHECKPOINTS))} was written by a run under "
+                                         r"torchrun: resume it the same way, or set run\.resume=false$"):
+        loop.train(config, JsonlTask(config.data))

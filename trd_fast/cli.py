@@ -58,6 +58,8 @@ def train_command(args: argparse.Namespace) -> None:
         if launched():
             raise ValueError("--nproc: this process was already started by torchrun")
         check_batch_split(config.optim.batch_size, config.optim.micro_batches, args.nproc)
+        from trd_fast.trainer.run.loop import check_resume
+        check_resume(config, sharded=True)  # a refused resume: one line here, not one per process
         command = torchrun_command(args.train_argv, args.nproc)
         os.execv(command[0], command)
     from trd_fast.tasks.registry import resolve_task

@@ -90,11 +90,16 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: 
     return int(state["step"])
 
 
+def has_checkpoint(directory: Path) -> bool:
+    """`directory` holds a checkpoint save_checkpoint wrote."""
+    return (directory / CHECKPOINT).is_file()
+
+
 def checkpoint_config(directory: Path) -> tuple[dict | None, Path]:
     """The config (TrainConfig.to_dict()) that trained the checkpoint in `directory`, and where it is recorded; None
     when there is no checkpoint, or it is from a version that did not record one. Its tensors are mapped, not read."""
     path = directory / CHECKPOINT
-    return (_read(path, mmap=True).get("config") if path.is_file() else None), path
+    return (_read(path, mmap=True).get("config") if has_checkpoint(directory) else None), path
 
 
 def discard_checkpoint(directory: Path) -> None:

@@ -18,16 +18,16 @@ from tqdm.auto import tqdm
 from trd_fast.trainer.protocol import Task, Tokenize
 from trd_fast.trainer.refine.modes import build_batch
 from trd_fast.trainer.refine.request import BatchRequest
-from trd_fast.trainer.run.checkpoint import CHECKPOINT, checkpoint_config, discard_checkpoint, load_checkpoint, \
-    save_checkpoint, save_model_directory
+from trd_fast.trainer.run.checkpoint import CHECKPOINT, checkpoint_config, discard_checkpoint, has_checkpoint, \
+    load_checkpoint, save_checkpoint, save_model_directory
 from trd_fast.trainer.run.config import CONFIG, TrainConfig, check_resumable
 from trd_fast.trainer.run.engine import Engine, build_engine
 from trd_fast.trainer.run.evaluate import EVAL_SEED, accuracy, evaluate
 from trd_fast.trainer.run.examples_check import check_examples, context_length
 from trd_fast.trainer.run.metrics import CURVES, METRICS, MetricsLog, merge_records, plot_curves, read_metrics
 from trd_fast.trainer.run.schedule import cosine_schedule
-from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS, discard_sharded, load_sharded, save_sharded, \
-    sharded_config
+from trd_fast.trainer.run.sharded_checkpoint import CHECKPOINTS, discard_sharded, has_sharded, load_sharded, \
+    save_sharded, sharded_config
 from trd_fast.trainer.run.sharding import full_value, shard, unsharded
 from trd_fast.trainer.run.world import World, distributed, run_world
 from trd_fast.trainer.train.step import train_on
@@ -65,13 +65,25 @@ def train(config: TrainConfig, task: Task, engine: Engine | None = None) -> list
     """Run (or resume) training as configured; returns the metrics records of the whole run. Under torchrun every
     rank runs it on its share of each step's global batch; rank 0 alone writes files, logs and returns the
     records (the other ranks return [])."""
-    if config.run.resume:  # before a process group or any model: a changed recipe stops here, on every rank alike
-        out = Path(config.run.output_dir)
-        check_resumable(config, *(sharded_config(out) if distributed() else checkpoint_config(out)))
+    check_resume(config, sharded=distributed())  # before a process group or any model, on every rank alike
     o = config.optim
     with run_world(config.model.device, batch_size=o.batch_size, micro_batches=o.micro_batches,
                    timeout_s=config.run.collective_timeout_s) as world:
         return _train(config, task, engine, world)
+
+
+def check_resume(config: TrainConfig, *, sharded: bool) -> None:
+    """With run.resume, what the run would resume is checked: ResumeConflict when its checkpoint was trained with
+    another recipe (check_resumable), ValueError when output_dir holds only the other kind of checkpoint (`sharded`:
+    this run writes torchrun's checkpoints/, else checkpoint.pt), which it would not see and would start over beside."""
+    if not config.run.resume:
+        return
+    out = Path(config.run.output_dir)
+    own = has_sharded(out) if sharded else has_checkpoint(out)
+    if not own and (has_checkpoint(out) if sharded else has_sharded(out)):
+        other, how = (out / CHECKPOINT, "in one process") if sharded else (out / CHECKPOINTS, "under torchrun")
+        raise ValueError(f"{other} was written by a run {how}: resume it the same way, or set run.resume=false")
+    check_resumable(config, *(sharded_config(out) if sharded else checkpoint_config(out)))
 
 
 def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World) -> list[dict]:

@@ -93,6 +93,11 @@ def load_sharded(directory: Path, *, model, optimizer, scheduler, generator: tor
     return int(state["step"])
 
 
+def has_sharded(directory: Path) -> bool:
+    """`directory` holds a complete checkpoint save_sharded wrote."""
+    return bool(_complete(directory / CHECKPOINTS))
+
+
 def sharded_config(directory: Path) -> tuple[dict | None, Path]:
     """The config (TrainConfig.to_dict()) that trained the newest complete checkpoint under `directory`, and where it
     is recorded; None when there is none, or it is from a version that did not record one."""
