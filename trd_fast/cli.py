@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from trd_fast.drivers import positive_int
+
 # The commands run by a driver module with add_arguments(parser) and run(args); a driver loads transformers and
 # the models' code, so it is imported only when its command is given.
 DRIVERS = {"pretrain": ("trd_fast.drivers.pretrain", "train the shipped task's teacher and student from scratch"),
@@ -113,7 +115,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override one config value (repeatable), e.g. --set distill.mode=trd_splice")
         if name == "train":
-            sub.add_argument("--nproc", type=_positive, default=0, metavar="N",
+            sub.add_argument("--nproc", type=positive_int, default=0, metavar="N",
                              help="train in N processes under torchrun (one device each: CUDA if model.device is, "
                                   "else CPU); the same as torchrun --standalone --nproc_per_node=N -m trd_fast.cli "
                                   "train ...")
@@ -130,13 +132,6 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             driver.add_arguments(sub)
             sub.set_defaults(run=driver.run)
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from trd_fast.drivers import positive_int
 from trd_fast.tasks.chain import ChainTask
 from trd_fast.tasks.paths import checkpoint_dir
 from trd_fast.text_files import read_utf8
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--student", default=None, help="student model dir (default: the shipped student)")
     parser.add_argument("--teacher", default=None, help="teacher model dir (default: the shipped teacher)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--jobs", type=_at_least_one, default=min(MAX_JOBS, _cores()),
+    parser.add_argument("--jobs", type=positive_int, default=min(MAX_JOBS, _cores()),
                         help="runs trained at once, each in its own process with cores / jobs threads (the tiny "
                              "models gain little from a second thread, so runs side by side finish sooner)")
     return parser
@@ -56,13 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def run_config(args: argparse.Namespace, method: str, seed: int) -> TrainConfig:

@@ -10,9 +10,10 @@ Top-k with a dense teacher and a SparseTeacher reduce to k ids per row: the teac
 [R, Vc] tile, the student's logits are formed only at the ids, from its gathered head rows W_s[ids] [R, k, H_s],
 and its gradients scatter back to those rows. An empty slot (-1) is -inf on both sides (probability 0).
 
-Memory: the tiles of one block ([R, Vc] per model, or [R, k, H_s] gathered rows), with R from a byte budget;
-nothing of size [N, V]. On CPU the dense tiles' buffer is kept for the next call (fused_linear_tiles.py). Matmuls accumulate in fp32 (fp64 for float64 inputs) and write fp32 (fp64) tiles; on
-CPU a bf16/fp16 head is converted to fp32 once per call, on CUDA the matmuls read it as it is (fp32 output).
+Memory: the tiles of one block ([R, Vc] per model, or [R, k, H_s] gathered rows), with R from a byte budget; nothing
+of size [N, V]. On CPU the dense tiles' buffer is kept for the next call (fused_linear_tiles.py). Matmuls accumulate
+in fp32 (fp64 for float64 inputs) and write fp32 (fp64) tiles; on CPU a bf16/fp16 head is converted to fp32 once per
+call, on CUDA the matmuls read it as it is (fp32 output).
 """
 
 from __future__ import annotations

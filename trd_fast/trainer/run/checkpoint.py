@@ -68,9 +68,9 @@ def save_checkpoint(directory: Path, *, step: int, config: dict, model, optimize
 
 def load_checkpoint(directory: Path, *, model, optimizer, scheduler, generator: torch.Generator) -> int | None:
     """Restore everything `save_checkpoint` wrote; returns the step, or None when there is no checkpoint."""
-    path = directory / CHECKPOINT
-    if not path.is_file():
+    if not has_checkpoint(directory):
         return None
+    path = directory / CHECKPOINT
     state = _read(path)
     missing = set(trainable_state(model)) - set(state["model"])
     if missing:
