@@ -3,6 +3,7 @@ token counters (teacher prefill, decode and draft tokens apart, forwards, draft 
 
     .venv/bin/python -m bench.engine_step            # -> bench/results/engine-cpu.json, table on stdout
     .venv/bin/python -m bench.engine_step --smoke    # 1 repeat, small batch (JSON to the temp dir)
+    python3 -m bench.engine_step --device cuda --repeats 3   # on a GPU -> bench/results/engine-cuda.json
 
 Each run trains `repeats` single steps from the shipped student on the same prompts and the same sampling seed (so
 the same rollouts y_o; the greedy teacher writes the same y_r with or without drafts). The repeats go round the
@@ -41,10 +42,11 @@ COUNTERS = ("student_prefill_tokens", "student_decode_tokens", "teacher_prefill_
             "splice_position")
 
 
-def step_config(mode: str, out: Path, batch_size: int, chunk: int, draft: int):
+def step_config(mode: str, out: Path, batch_size: int, chunk: int, draft: int, device: str = "cpu"):
     """One step from the shipped student; the same prompts and sampling seed for every run."""
     return from_dict({
-        "model": {"student": str(checkpoint_dir("student")), "teacher": str(checkpoint_dir("teacher"))},
+        "model": {"student": str(checkpoint_dir("student")), "teacher": str(checkpoint_dir("teacher")),
+                  "device": device},
         "data": {"task": "chain", "train_examples": batch_size},
         "rollout": {"max_new_tokens": MAX_NEW_TOKENS},
         "distill": {"mode": mode, "splice_chunk": chunk, "draft_tokens": draft},
@@ -60,16 +62,16 @@ def run_name(mode: str, chunk: int, draft: int) -> str:
     return f"trd ({drafting})" if mode == "trd" else mode
 
 
-def one_step(mode: str, chunk: int, draft: int, batch_size: int) -> dict:
+def one_step(mode: str, chunk: int, draft: int, batch_size: int, device: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        return loop.train(step_config(mode, Path(out), batch_size, chunk, draft), ChainTask())[-1]
+        return loop.train(step_config(mode, Path(out), batch_size, chunk, draft, device), ChainTask())[-1]
 
 
-def measure(repeats: int, batch_size: int) -> list[dict]:
+def measure(repeats: int, batch_size: int, device: str) -> list[dict]:
     records: list[list[dict]] = [[] for _ in RUNS]
     for _ in range(repeats):
         for run, done in zip(RUNS, records):
-            done.append(one_step(*run, batch_size))
+            done.append(one_step(*run, batch_size, device))
     rows = []
     for (mode, chunk, draft), done in zip(RUNS, records):
         row = {"mode": run_name(mode, chunk, draft), "splice_chunk": chunk, "draft_tokens": draft,
@@ -86,11 +88,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both models run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch, repeats = (4, 1) if args.smoke else (args.batch_size, args.repeats)
-    facts = harness.machine("cpu")
-    rows = measure(repeats, batch)
+    facts = harness.machine(args.device)
+    rows = measure(repeats, batch, args.device)
     facts["loadavg_at_end"] = harness.loadavg()
     by_name = {r["mode"]: r for r in rows}
     opd, plain_trd = by_name["opd"], by_name[run_name("trd", 0, 0)]
@@ -99,7 +102,7 @@ def main() -> None:
     document = {
         "machine": facts,
         "setup": {"task": "chain", "models": "shipped teacher and student (trd_fast/tasks/checkpoints)",
-                  "batch_size": batch, "max_new_tokens": MAX_NEW_TOKENS, "repeats": repeats, "dtype": "float32",
+                  "batch_size": batch, "max_new_tokens": MAX_NEW_TOKENS, "repeats": repeats, "dtype": "float32", "device": args.device,
                   "threads": args.threads, "default_draft_tokens": DRAFT},
         "rows": rows,
         "checks": {
@@ -119,7 +122,7 @@ def main() -> None:
             },
         },
     }
-    path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / "engine-cpu.json"
+    path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / f"engine-{args.device}.json"
     harness.write_json(path, document)
     header = ["mode", *PHASES, "teacher_forwards", "teacher_prefill_tokens", "teacher_decode_tokens",
               "teacher_draft_tokens", "teacher_acceptance", "teacher_rescore_forwards"]

@@ -7,10 +7,11 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
-# Files written to $OUT: build.log, tests.log, engine.log (+ engine-<mode>/ run folders), torchrun.log
-# (+ engine-torchrun/), bench.log, summary.md, gpu-<device>.json (also kept in bench/results/). The whole script
-# aims at under 5 minutes on an H100:
-#   GPU_CHECK_BUDGET_S  total budget in seconds (default 280); benchmark rows that would start after it are
+# Files written to $OUT (at most 8, the device tool's limit): build.log, tests.log, engine.log (with the last
+# metrics of each run), torchrun.log, engine-cuda.json (bench/engine_step.py on CUDA), bench.log, summary.md,
+# gpu-<device>.json (the last two also kept in bench/results/). Run folders go to $GPU_CHECK_WORK
+# (default /tmp/trd_fast_gpu_work). The whole script aims at under 6 minutes on an H100:
+#   GPU_CHECK_BUDGET_S  total budget in seconds (default 330); benchmark rows that would start after it are
 #                       recorded as skipped, so the JSON and summary.md are always written
 #   GPU_CHECK_TEST_S    cap on both test runs together (default 120 s; 2/3 for tests/test_triton_gpu.py)
 #   GPU_CHECK_SKIP_TESTS=1  benchmarks only (a rerun)
@@ -18,9 +19,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/trd_fast_gpu_check}
-mkdir -p "$OUT"
+WORK=${GPU_CHECK_WORK:-/tmp/trd_fast_gpu_work}
+mkdir -p "$OUT" "$WORK"
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-280}
+BUDGET=${GPU_CHECK_BUDGET_S:-330}
 TEST_CAP=${GPU_CHECK_TEST_S:-120}
 BENCH_MIN=90  # seconds always left to the benchmarks
 start=$SECONDS
@@ -104,12 +106,14 @@ if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
   for mode in trd_splice trd; do
     timeout -k 5 60 $PY -m trd_fast.cli train --config configs/chain-trd.yaml --set model.device=cuda \
       --set distill.mode=$mode --set optim.steps=3 --set run.progress=false --set run.eval_every=3 \
-      --set run.output_dir="$OUT/engine-$mode" >> "$OUT/engine.log" 2>&1
+      --set run.output_dir="$WORK/engine-$mode" >> "$OUT/engine.log" 2>&1
     engine_rc=$?
+    echo "--- $mode: last metrics" >> "$OUT/engine.log"
+    tail -n 2 "$WORK/engine-$mode/metrics.jsonl" >> "$OUT/engine.log" 2>/dev/null
     [ "$engine_rc" -ne 0 ] && break
   done
   set -e
-  engine_status="rc $engine_rc (metrics in engine-*/metrics.jsonl)"
+  engine_status="rc $engine_rc (engine.log ends each run with its last metrics)"
 fi
 say "engine: $engine_status"
 test_status="$test_status; engine on CUDA: $engine_status"
@@ -122,13 +126,28 @@ if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
   timeout -k 5 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m trd_fast.cli train \
     --config configs/chain-trd.yaml --set model.device=cuda --set distill.mode=trd --set optim.steps=2 \
     --set run.progress=false --set run.eval_every=0 --set run.checkpoint_every=1 \
-    --set run.output_dir="$OUT/engine-torchrun" > "$OUT/torchrun.log" 2>&1
+    --set run.output_dir="$WORK/engine-torchrun" > "$OUT/torchrun.log" 2>&1
   torchrun_rc=$?
+  ls -R "$WORK/engine-torchrun" >> "$OUT/torchrun.log" 2>&1
   set -e
-  torchrun_status="rc $torchrun_rc (torchrun.log; engine-torchrun/ has metrics.jsonl, checkpoints/step-2, student/)"
+  torchrun_status="rc $torchrun_rc (torchrun.log ends with the run folder's listing: checkpoints/step-2, student/)"
 fi
 say "torchrun, 1 GPU: $torchrun_status"
 test_status="$test_status; torchrun on 1 GPU: $torchrun_status"
+
+# 3d. one training step of each mode on CUDA (bench/engine_step.py): teacher forwards, draft acceptance, step
+# times against opd -> engine-cuda.json
+step_status="not run (needs pyyaml and matplotlib in the image)"
+if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
+  set +e
+  timeout -k 5 120 $PY -m bench.engine_step --device cuda --repeats 3 >> "$OUT/engine.log" 2>&1
+  step_rc=$?
+  set -e
+  cp bench/results/engine-cuda.json "$OUT"/ 2>/dev/null || true
+  step_status="rc $step_rc (engine-cuda.json)"
+fi
+say "engine step bench: $step_status"
+test_status="$test_status; engine step bench on CUDA: $step_status"
 
 # 4. benchmarks: rows that would start past the budget are recorded as skipped
 budget=$(( $(left) - 15 ))
