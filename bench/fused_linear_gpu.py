@@ -76,7 +76,7 @@ def variants(case: FusedCase, backend: str, liger_reason: str | None) -> list:
     def liger(hs, ws, ht, wt):
         from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
-        return LigerFusedLinearJSD(jsd_beta=case.beta)(hs, ws, ht, wt)
+        return LigerFusedLinearJSD(jsd_beta=case.beta)(hs, ws, ht, wt, None)  # no labels: every position
 
     return [(f"trd_fast[{backend}]", ours, None), ("TRL ChunkedDivergenceFunction", trl, trl_available()),
             ("Liger LigerFusedLinearJSD", liger, liger_reason)]

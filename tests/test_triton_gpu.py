@@ -121,9 +121,16 @@ def test_large_padded_vocab_strided_rows(divergence, inplace):
                                         inplace_backward=inplace, **kw)
     (values * w).sum().backward()
     torch.testing.assert_close(values.double(), ref.detach(), rtol=1e-5, atol=value_atol(student, teacher, 0.7))
-    # fp32 gradients carry the rounding of the saved fp32 log-normalizers (|A| eps): absolute, row-wide
-    torch.testing.assert_close(x.grad[:, :-1].double(), exact_grad, rtol=1e-4,
-                               atol=1e-4 * float(exact_grad.abs().max()))
+    # The fp32 gradient of position i is p_i (or q_i) / T times a difference of log-probabilities, each rounded
+    # at its magnitude L (|z| / T plus the log-normalizer; exp and log run at the GPU's approximate precision),
+    # and the difference may cancel (jsd: log(p_i / M_i) against its row mean): bound the error elementwise by
+    # 8 eps (p_i + q_i) L / T, plus 1e-4 of the largest gradient.
+    width = student.shape[-1]
+    p, q = (torch.softmax(z[..., :width].double() / 0.7, -1) for z in (student, teacher))
+    magnitude = 2 * max(float(student.abs().max()), float(teacher.abs().max())) / 0.7 + math.log(width)
+    bound = 8 * torch.finfo(torch.float32).eps * (p + q) * magnitude / 0.7 + 1e-4 * float(exact_grad.abs().max())
+    excess = (x.grad[:, :-1].double() - exact_grad).abs() - bound
+    assert excess.max().item() <= 0, f"worst excess {excess.max().item():.3g} over the rounding bound"
     assert torch.count_nonzero(x.grad[:, -1]) == 0
 
 
