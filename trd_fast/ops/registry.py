@@ -100,13 +100,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once: resolve() runs inside torch.compile'd code, and torch 2.11's dynamo refuses to trace find_spec
+# (a graph break, an error under fullgraph=True; seen on an H200).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_runnable() -> bool:
     """Triton is installed, can run here (CUDA or the interpreter) and is not turned off (TRD_FAST_NO_TRITON)."""
-    return (triton_installed() and (triton_interpreted() or torch.cuda.is_available())
+    return (TRITON_INSTALLED and (triton_interpreted() or torch.cuda.is_available())
             and os.environ.get("TRD_FAST_NO_TRITON", "0") != "1")
 
 
@@ -236,7 +237,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
         raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
     if name == "auto":
         if device.type == "cuda":
-            return "triton" if triton_installed() else "torch"
+            return "triton" if TRITON_INSTALLED else "torch"
         if device.type == "cpu" and EXTENSION is not None:
             return "cpp"
         if device.type == "cpu":
@@ -248,7 +249,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors; got tensors on {device}")
     if name == "triton":
-        if not triton_installed():
+        if not TRITON_INSTALLED:
             raise ValueError("backend='triton' needs the triton package")
         if device.type == "cpu" and not triton_interpreted():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
