@@ -13,19 +13,27 @@ every repeat: the runs are deterministic). trd runs with plain decoding and with
 default length is chosen from them), trd_splice with plain decoding and with the default drafts. The targets this
 checks: no mode re-scores with the teacher; drafted trd needs at most 1/3 of plain decoding's teacher forwards and
 at most 1.25x opd's step time; the drafted splice is no slower than the plain one.
+
+Then one more step of opd, plain trd and drafted trd splits the refine phase: the seconds inside the teacher model's
+forwards (synchronised on CUDA, so that launches and kernels both count) and the rest, the host's work around them
+(`attribution` in the JSON). The synchronisation perturbs those steps, so they are kept apart from the timed runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from bench import harness
 from trd_fast.tasks import ChainTask, checkpoint_dir
+from trd_fast.trainer.rollout.generation import Runner
 from trd_fast.trainer.run import loop
 from trd_fast.trainer.run.config import DistillConfig, from_dict
 
@@ -35,6 +43,7 @@ MAX_NEW_TOKENS = 40                               # the demo's cap: the refine p
 TRD_DRAFTS = (0, 2, 3, 4, 8, 16)                  # trd's draft lengths measured (0: plain decoding)
 RUNS = (("opd", 0, 0), *(("trd", 0, d) for d in TRD_DRAFTS),
         ("trd_splice", 4, 0), ("trd_splice", 4, DRAFT), ("trd_splice", 0, DRAFT), ("trd_splice", 1, DRAFT))
+SPLIT_RUNS = (("opd", 0, 0), ("trd", 0, 0), ("trd", 0, DRAFT))  # runs whose refine phase is split (attribute())
 PHASES = ("rollout_s", "refine_s", "train_s", "step_s")
 COUNTERS = ("student_prefill_tokens", "student_decode_tokens", "teacher_prefill_tokens", "teacher_decode_tokens",
             "teacher_draft_tokens", "teacher_accepted_tokens", "teacher_acceptance", "teacher_tokens",
@@ -82,6 +91,45 @@ def measure(repeats: int, batch_size: int, device: str) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def model_clock(device: str):
+    """Within the block, each Runner's seconds inside its model's forwards accumulate in the yielded Counter, by
+    runner name (the device synchronised before and after each forward)."""
+    seconds: collections.Counter = collections.Counter()
+    forward = Runner.backbone
+
+    def timed(self, **inputs):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = forward(self, **inputs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds[self.name] += time.perf_counter() - start
+        return out
+
+    Runner.backbone = timed
+    try:
+        yield seconds
+    finally:
+        Runner.backbone = forward
+
+
+def attribute(batch_size: int, device: str) -> list[dict]:
+    """Per run of SPLIT_RUNS, one step's refine phase split into the teacher model's forwards and the host's work
+    around them (all of the teacher's forwards run in that phase)."""
+    rows = []
+    for mode, chunk, draft in SPLIT_RUNS:
+        with model_clock(device) as seconds:
+            record = one_step(mode, chunk, draft, batch_size, device)
+        host = record["refine_s"] - seconds["teacher"]
+        rows.append({"mode": run_name(mode, chunk, draft), "refine_s": record["refine_s"],
+                     "teacher_model_s": seconds["teacher"], "refine_host_s": host,
+                     "teacher_forwards": record["teacher_forwards"],
+                     "host_s_per_forward": host / max(1, record["teacher_forwards"])})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="1 repeat, batch 4, JSON to the temp dir")
@@ -94,6 +142,7 @@ def main() -> None:
     batch, repeats = (4, 1) if args.smoke else (args.batch_size, args.repeats)
     facts = harness.machine(args.device)
     rows = measure(repeats, batch, args.device)
+    attribution = attribute(batch, args.device)
     facts["loadavg_at_end"] = harness.loadavg()
     by_name = {r["mode"]: r for r in rows}
     opd, plain_trd = by_name["opd"], by_name[run_name("trd", 0, 0)]
@@ -105,6 +154,7 @@ def main() -> None:
                   "batch_size": batch, "max_new_tokens": MAX_NEW_TOKENS, "repeats": repeats, "dtype": "float32", "device": args.device,
                   "threads": args.threads, "default_draft_tokens": DRAFT},
         "rows": rows,
+        "attribution": attribution,
         "checks": {
             "rescore_forwards": {r["mode"]: r["teacher_rescore_forwards"] for r in rows},
             "teacher_tokens_over_trd": {r["mode"]: r["teacher_tokens"] / max(1, plain_trd["teacher_tokens"])
@@ -130,6 +180,9 @@ def main() -> None:
     for r in rows:
         cells = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in header]
         print(" | ".join(cells + [f"{document['checks']['teacher_tokens_over_trd'][r['mode']]:.2f}"]))
+    for r in attribution:
+        print(f"{r['mode']}: refine {r['refine_s']:.3f} s = teacher model {r['teacher_model_s']:.3f} s + host "
+              f"{r['refine_host_s']:.3f} s ({1e3 * r['host_s_per_forward']:.1f} ms per forward)")
     for target, met in document["checks"]["targets"].items():
         print(f"{target}: {'met' if met else 'NOT met'}")
     print(f"written to {path}")
