@@ -64,8 +64,15 @@ def assert_no_worse_than_torch(ours, theirs, exact, eps, atol):
     finite = torch.isfinite(exact)
     assert torch.equal(ours[~finite & ~torch.isnan(exact)], exact[~finite & ~torch.isnan(exact)])
     bound = 2 * (theirs - exact).abs() + eps * exact.abs() + atol
-    excess = ((ours - exact).abs() - bound)[finite]
-    assert excess.numel() == 0 or excess.max().item() <= 0, f"worst excess {excess.max().item():.3g}"
+    excess = torch.where(finite, (ours - exact).abs() - bound, -torch.inf)
+    assert excess.max().item() <= 0, worst(excess, ours=ours, torch=theirs, exact=exact, bound=bound)
+
+
+def worst(excess, **tensors):
+    """The element where `excess` is largest, with each tensor's value there (a GPU failure's details)."""
+    at = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+    values = ", ".join(f"{name} {float(t.broadcast_to(excess.shape)[at]):.6g}" for name, t in tensors.items())
+    return f"worst excess {float(excess[at]):.3g} at {at}: {values}"
 
 
 def value_atol(student, teacher, temperature):
@@ -76,11 +83,25 @@ def value_atol(student, teacher, temperature):
     return max(1e-6, 8 * torch.finfo(torch.float32).eps * float(gap.max()) / temperature)
 
 
+def gradient_atol(student, teacher, temperature, gradient):
+    """Elementwise fp32 rounding of the kernels' gradient: position i's is p_i (or q_i) / T times a difference of
+    log-probabilities, each rounded at its magnitude L (|z| / T plus the log-normalizer; exp and log run at the
+    GPU's approximate precision), and the difference may cancel (jsd: log(p_i / M_i) against its row mean). So
+    8 eps (p_i + q_i) L / T, plus 1e-4 of the largest |gradient| (exact: fp64)."""
+    width = min(student.shape[-1], teacher.shape[-1])
+    p, q = (torch.softmax(z[..., :width].double() / temperature, -1) for z in (student, teacher))
+    finite = [z[torch.isfinite(z)].abs().max() for z in (student, teacher)]
+    magnitude = 2 * float(max(finite)) / temperature + math.log(width)
+    bound = 8 * torch.finfo(torch.float32).eps * (p + q) * magnitude / temperature
+    bound = torch.nn.functional.pad(bound, (0, student.shape[-1] - width))  # columns past the common vocabulary
+    return bound + 1e-4 * float(gradient[torch.isfinite(gradient)].abs().max())
+
+
 def loss_and_grad(student, teacher, backend, **kw):
     s = student.detach().clone().requires_grad_(True)
     values = trd_fast.distillation_loss(s, teacher, reduction="none", backend=backend, **kw)
     g = torch.Generator(device="cuda").manual_seed(7)
-    upstream = torch.rand(values.shape, generator=g, device="cuda", dtype=values.dtype)
+    upstream = torch.rand(values.shape, generator=g, device="cuda").to(values.dtype)  # the same draws for fp64
     (grad,) = torch.autograd.grad((values * upstream).sum(), s)
     return values.detach(), grad
 
@@ -121,16 +142,9 @@ def test_large_padded_vocab_strided_rows(divergence, inplace):
                                         inplace_backward=inplace, **kw)
     (values * w).sum().backward()
     torch.testing.assert_close(values.double(), ref.detach(), rtol=1e-5, atol=value_atol(student, teacher, 0.7))
-    # The fp32 gradient of position i is p_i (or q_i) / T times a difference of log-probabilities, each rounded
-    # at its magnitude L (|z| / T plus the log-normalizer; exp and log run at the GPU's approximate precision),
-    # and the difference may cancel (jsd: log(p_i / M_i) against its row mean): bound the error elementwise by
-    # 8 eps (p_i + q_i) L / T, plus 1e-4 of the largest gradient.
-    width = student.shape[-1]
-    p, q = (torch.softmax(z[..., :width].double() / 0.7, -1) for z in (student, teacher))
-    magnitude = 2 * max(float(student.abs().max()), float(teacher.abs().max())) / 0.7 + math.log(width)
-    bound = 8 * torch.finfo(torch.float32).eps * (p + q) * magnitude / 0.7 + 1e-4 * float(exact_grad.abs().max())
+    bound = gradient_atol(student, teacher, 0.7, exact_grad)
     excess = (x.grad[:, :-1].double() - exact_grad).abs() - bound
-    assert excess.max().item() <= 0, f"worst excess {excess.max().item():.3g} over the rounding bound"
+    assert excess.max().item() <= 0, worst(excess, ours=x.grad[:, :-1], exact=exact_grad, bound=bound)
     assert torch.count_nonzero(x.grad[:, -1]) == 0
 
 
@@ -184,17 +198,17 @@ def test_every_autotune_candidate(monkeypatch, index, dtype):
     teacher = with_banned(logits(3, 4, 20000, dtype=dtype, seed=2), banned)
     for divergence in DIVERGENCES:
         kw = dict(divergence=divergence, beta=0.3, temperature=0.7)
+        torch_v, torch_g = loss_and_grad(student, teacher, "torch", **kw)  # the same dtype's torch computation
+        exact_v, exact_g = loss_and_grad(student.double(), teacher.double(), "torch", **kw)
         for inplace in (False, True):
-            s = student.detach().clone().requires_grad_(True)
-            values = trd_fast.distillation_loss(s, teacher, reduction="none", backend="triton",
-                                                inplace_backward=inplace, **kw)
-            values.sum().backward()
-            s_ref = student.detach().clone().requires_grad_(True)
-            ref_v = trd_fast.distillation_loss(s_ref, teacher, reduction="none", backend="torch", **kw)
-            ref_v.sum().backward()
-            torch.testing.assert_close(values, ref_v, rtol=1e-5, atol=value_atol(student, teacher, 0.7))
-            tol = 1e-5 if dtype == torch.float32 else 8e-3
-            torch.testing.assert_close(s.grad.float(), s_ref.grad.float(), rtol=tol, atol=tol)
+            ours_v, ours_g = loss_and_grad(student, teacher, "triton", inplace_backward=inplace, **kw)
+            # fp32 torch misses fp64 by more than a fixed 1e-5 at V = 20011 (measured on CPU: 5e-5 in the values,
+            # 4.5e-5 in reverse_kl's gradient), so each is judged against fp64, no worse than torch's own error
+            assert_no_worse_than_torch(ours_v, torch_v, exact_v, eps=torch.finfo(torch.float32).eps,
+                                       atol=value_atol(student, teacher, 0.7))
+            assert_no_worse_than_torch(ours_g, torch_g, exact_g, eps=torch.finfo(dtype).eps,
+                                       atol=gradient_atol(student, teacher, 0.7, exact_g))
+            assert torch.count_nonzero(ours_g[..., 20000:]) == 0                 # past the teacher's vocabulary
     ids = torch.randint(0, 20011, (3, 4), device="cuda")
     x = student.detach().clone().requires_grad_(True)
     trd_fast.token_logprobs(x, ids, backend="triton").sum().backward()
