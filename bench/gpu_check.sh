@@ -25,13 +25,30 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/trd_fast_gpu_check}
 WORK=${GPU_CHECK_WORK:-/tmp/trd_fast_gpu_work}
 mkdir -p "$OUT" "$WORK"
+rm -rf "$WORK"/engine-*                       # a rerun on a warm machine starts its runs afresh
+touch "$WORK/stamp"                           # results newer than this are this run's
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 TEST_CAP=${GPU_CHECK_TEST_S:-280}
-BENCH_MIN=90  # seconds always left to the benchmarks
+BENCH_MIN=90      # seconds always left to the benchmarks
+ENGINE_S=180      # seconds kept for the engine runs (3b-3d) when capping the tests
+HARD=$(( BUDGET + 45 ))  # nothing runs past this (the call's limit is 600 s)
 start=$SECONDS
 left() { echo $(( BUDGET - (SECONDS - start) )); }
+within() { local most=$(( HARD - (SECONDS - start) )); [ "$1" -lt "$most" ] && most=$1; echo $(( most < 1 ? 1 : most )); }
 say() { echo "[gpu_check $(( SECONDS - start ))s] $*"; }
+fresh() { find "$@" -newer "$WORK/stamp" 2>/dev/null || true; }  # those of the given files this run wrote
+build_status="not installed"
+test_status="not run"
+bench_rc="not run"
+finish() {  # on any exit: summary.md and this run's JSON, even when a step failed or was killed
+  if [ ! -f "$OUT/summary.md" ]; then
+    for f in $(fresh bench/results/gpu-*.json); do cp "$f" "$OUT"/; done
+    printf '# trd_fast GPU check\n\nbenchmarks did not finish (rc %s); see bench.log\n\nbuild: %s\n\ntests: %s\n' \
+      "$bench_rc" "$build_status" "$test_status" > "$OUT/summary.md"
+  fi
+}
+trap finish EXIT
 
 say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo unknown)"
 # The image's own packages serve: trd_fast supports its torch 2.11, triton 3.6 and transformers 5.17 (pyproject.toml's
@@ -39,74 +56,76 @@ say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=
 say "stack: $($PY -c 'import importlib.metadata as m, importlib.util as u; print(", ".join(f"{p} {m.version(p)}"
   for p in ("torch", "triton", "transformers", "numpy", "peft") if u.find_spec(p)))' 2>&1 | tail -1)"
 
-# 1. carried wheels (liger-kernel: pure Python) into a private site dir
+# 1. carried wheels (TRL, Liger and what TRL needs beyond the image) into a private site dir
 if compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    || say "installing the carried wheels FAILED: the TRL and Liger rows will say why they are skipped"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  say "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  say "carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
 else
-  say "no .whl/ folder: Liger rows will be skipped"
+  say "no .whl/ folder: the TRL and Liger rows will be skipped"
 fi
 
 # 2. install in place. CUDA tensors run the Triton kernels, so the C++ CPU extension is built only for the whole CPU
 # suite (GPU_CHECK_WHOLE_SUITE=1): on the H200 its build took about 2 of the run's 7 minutes.
-build_status="installed without trd_fast._C (TRD_FAST_SKIP_EXT=1: the GPU paths do not use it)"
-if [ "${GPU_CHECK_WHOLE_SUITE:-0}" = "1" ]; then
+if [ "${GPU_CHECK_WHOLE_SUITE:-0}" = "1" ] \
+    && $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   build_status="built with trd_fast._C"
-  if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-    build_status="extension build FAILED (see build.log); installed without trd_fast._C (TRD_FAST_SKIP_EXT=1)"
-    say "$build_status"
-    tail -30 "$OUT/build.log"
-    TRD_FAST_SKIP_EXT=1 $PY -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
-  fi
+elif TRD_FAST_SKIP_EXT=1 $PY -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1; then
+  build_status="installed without trd_fast._C (TRD_FAST_SKIP_EXT=1: the GPU paths do not use it)"
+  [ "${GPU_CHECK_WHOLE_SUITE:-0}" = "1" ] && build_status="extension build FAILED (see build.log); $build_status"
 else
-  TRD_FAST_SKIP_EXT=1 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+  build_status="install FAILED (see build.log)"
+  say "$build_status"; tail -30 "$OUT/build.log"; exit 1
 fi
 say "build: $build_status"
 
-# 3. tests, capped so the benchmarks keep their time. tests/conftest.py defaults TRITON_INTERPRET to 1 (the CPU
-# suite runs Triton through the interpreter); tests/test_triton_gpu.py needs it unset and is self-contained, so
-# it runs on its own without the conftest: every test, one line each, with short tracebacks (on the H200 the file
-# took about 4 minutes, most of it compiling). With GPU_CHECK_WHOLE_SUITE=1 the whole CPU suite follows with what
-# is left (torch 2.11 there). The GPU image has no TRL: the integration tests (TRL is a test dependency on CPU) are
-# left out there when it cannot be imported. The whole suite also leaves out the interpreted Triton tests (-k "not
-# triton"): triton 3.6's interpreter fails under numpy >= 2.4 (the image has 2.5); CI runs them with the newest
-# triton, and the GPU file tests the compiled kernels.
-run_tests() {  # run_tests CAP LABEL ARGS... -> appends to tests.log, sets rc
+# 3. tests, capped so the engine runs and the benchmarks keep their time. tests/conftest.py defaults TRITON_INTERPRET
+# to 1 (the CPU suite runs Triton through the interpreter); tests/test_triton_gpu.py needs it unset and is
+# self-contained, so it runs on its own without the conftest: every test, one line each, with short tracebacks (on
+# the H200 the file took about 4 minutes, most of it compiling). With GPU_CHECK_WHOLE_SUITE=1 the whole CPU suite
+# follows with what is left (torch 2.11 there). The GPU image has no TRL: the integration tests (TRL is a test
+# dependency on CPU) are left out there when it cannot be imported. The whole suite also leaves out the interpreted
+# Triton tests (-k "not triton"): triton 3.6's interpreter fails under numpy >= 2.4 (the image has 2.5); CI runs them
+# with the newest triton, and the GPU file tests the compiled kernels.
+run_tests() {  # run_tests CAP LABEL ARGS... -> appends to tests.log; sets rc and from (tests.log's first new line)
   local cap=$1 label=$2; shift 2
+  from=$(( $(wc -l < "$OUT/tests.log") + 1 ))
   echo "=== $label (cap ${cap}s): pytest $*" | tee -a "$OUT/tests.log"
   set +e
   timeout -k 5 "$cap" "$@" 2>&1 | tee -a "$OUT/tests.log"
   rc=${PIPESTATUS[0]}
   set -e
 }
-describe_tests() {  # describe_tests RC CAP SECONDS -> a one-line status from the last pytest summary line
-  local last
-  last=$(grep -E "[0-9]+ (passed|failed|skipped|error)|no tests ran" "$OUT/tests.log" | tail -1 || true)
+describe_tests() {  # describe_tests RC CAP SECONDS -> one line on the run that run_tests last logged
+  local log last
+  log=$(tail -n +"$from" "$OUT/tests.log")
+  last=$(grep -E "[0-9]+ (passed|failed|skipped|error)|no tests ran" <<< "$log" | tail -1 || true)
   if [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; then
-    echo "TIMED OUT after ${2}s: $(grep -c " PASSED" "$OUT/tests.log" || true) passed, $(grep -c " FAILED" \
-      "$OUT/tests.log" || true) failed before the cap"
+    echo "TIMED OUT after ${2}s: $(grep -c " PASSED" <<< "$log" || true) passed, $(grep -c " FAILED" <<< "$log" \
+      || true) failed before the cap (-v runs; a -q run says only: ${last:-no summary line})"
   else echo "rc $1 in ${3}s: ${last:-no summary line}"; fi
 }
 test_status="skipped (GPU_CHECK_SKIP_TESTS=1)"
 : > "$OUT/tests.log"
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]; then
-  cap=$(( $(left) - BENCH_MIN ))
+  cap=$(( $(left) - BENCH_MIN - ENGINE_S ))
   [ "$cap" -gt "$TEST_CAP" ] && cap=$TEST_CAP
   [ "$cap" -lt 30 ] && cap=30
   t0=$SECONDS
-  run_tests "$cap" "GPU tests" env -u TRITON_INTERPRET $PY -m pytest -v --tb=short -rfE tests/test_triton_gpu.py \
-    --noconftest -p no:cacheprovider
+  run_tests "$(within "$cap")" "GPU tests" env -u TRITON_INTERPRET $PY -m pytest -v --tb=short -rfE \
+    tests/test_triton_gpu.py --noconftest -p no:cacheprovider
   test_status="GPU file: $(describe_tests "$rc" "$cap" $(( SECONDS - t0 )))"
   if [ "${GPU_CHECK_WHOLE_SUITE:-0}" = "1" ]; then
-    rest=$(( $(left) - BENCH_MIN - 150 ))  # 150 s: the engine runs below
+    rest=$(( $(left) - BENCH_MIN - ENGINE_S ))
     if [ "$rest" -ge 15 ]; then
       t1=$SECONDS
       no_trl=()
       $PY -c "import trl" 2>/dev/null || no_trl=(--ignore=tests/test_integration_trl.py
         --ignore=tests/test_integration_hf.py --ignore=tests/test_integration_trl_distillation.py
         --ignore=tests/test_bench_gpu_smoke.py)
-      run_tests "$rest" "whole suite" $PY -m pytest -q tests -x -p no:cacheprovider -k "not triton" "${no_trl[@]}"
+      run_tests "$(within "$rest")" "whole suite" $PY -m pytest -q tests -x -p no:cacheprovider -k "not triton" \
+        "${no_trl[@]}"
       test_status="$test_status; whole suite (CPU, no interpreted Triton): $(describe_tests "$rc" "$rest" \
         $(( SECONDS - t1 )))"
     else
@@ -116,12 +135,14 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]; then
   say "tests: $test_status"
 fi
 
+engine_ready() { $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; }
+
 # 3b. the TRD engine on CUDA: three trd_splice steps and three trd steps on the shipped task (engine.log)
 engine_status="not run (needs pyyaml and matplotlib in the image)"
-if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
+if engine_ready; then
   set +e
   for mode in trd_splice trd; do
-    timeout -k 5 60 $PY -m trd_fast.cli train --config configs/chain-trd.yaml --set model.device=cuda \
+    timeout -k 5 "$(within 60)" $PY -m trd_fast.cli train --config configs/chain-trd.yaml --set model.device=cuda \
       --set distill.mode=$mode --set optim.steps=3 --set run.progress=false --set run.eval_every=3 \
       --set run.output_dir="$WORK/engine-$mode" >> "$OUT/engine.log" 2>&1
     engine_rc=$?
@@ -138,48 +159,44 @@ test_status="$test_status; engine on CUDA: $engine_status"
 # 3c. the engine under torchrun on one GPU: nccl, an FSDP2 student (bf16 parameters, fp32 gradient reduction), two
 # trd steps with a sharded checkpoint after each and the final student gathered into a model directory
 torchrun_status="not run (needs pyyaml and matplotlib in the image)"
-if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
+if engine_ready; then
   set +e
-  timeout -k 5 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m trd_fast.cli train \
+  timeout -k 5 "$(within 90)" $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m trd_fast.cli train \
     --config configs/chain-trd.yaml --set model.device=cuda --set distill.mode=trd --set optim.steps=2 \
     --set run.progress=false --set run.eval_every=0 --set run.checkpoint_every=1 \
     --set run.output_dir="$WORK/engine-torchrun" > "$OUT/torchrun.log" 2>&1
   torchrun_rc=$?
   ls -R "$WORK/engine-torchrun" >> "$OUT/torchrun.log" 2>&1
   set -e
-  torchrun_status="rc $torchrun_rc (torchrun.log ends with the run folder's listing: checkpoints/step-2, student/)"
+  torchrun_status="rc $torchrun_rc (torchrun.log ends with the run folder's listing)"
 fi
 say "torchrun, 1 GPU: $torchrun_status"
 test_status="$test_status; torchrun on 1 GPU: $torchrun_status"
 
-# 3d. one training step of each mode on CUDA (bench/engine_step.py): teacher forwards, draft acceptance, step
-# times against opd -> engine-cuda.json
+# 3d. one training step of each mode on CUDA (bench/engine_step.py): teacher forwards, draft acceptance, step times
+# against opd, and the rewrite's split into the teacher model's forwards and the host's work -> engine-cuda.json
 step_status="not run (needs pyyaml and matplotlib in the image)"
-if $PY -c "import yaml, matplotlib, tqdm" 2>/dev/null; then
+if engine_ready; then
   set +e
-  timeout -k 5 120 $PY -m bench.engine_step --device cuda --repeats 3 >> "$OUT/engine.log" 2>&1
+  timeout -k 5 "$(within 120)" $PY -m bench.engine_step --device cuda --repeats 3 >> "$OUT/engine.log" 2>&1
   step_rc=$?
   set -e
-  cp bench/results/engine-cuda.json "$OUT"/ 2>/dev/null || true
-  step_status="rc $step_rc (engine-cuda.json)"
+  for f in $(fresh bench/results/engine-cuda.json); do cp "$f" "$OUT"/; done
+  step_status="rc $step_rc (engine-cuda.json when it finished)"
 fi
 say "engine step bench: $step_status"
 test_status="$test_status; engine step bench on CUDA: $step_status"
 
 # 4. benchmarks: rows that would start past the budget are recorded as skipped
 budget=$(( $(left) - 15 ))
-[ "$budget" -lt 60 ] && budget=60
+[ "$budget" -lt 30 ] && budget=30
 say "benchmarks (budget ${budget}s)"
 set +e
-timeout -k 5 $(( budget + 90 )) $PY -m bench.run_gpu --budget-s "$budget" --out-dir "$OUT" \
+timeout -k 5 "$(within $(( budget + 60 )))" $PY -m bench.run_gpu --budget-s "$budget" --out-dir "$OUT" \
   --tests "build: $build_status; tests: $test_status" ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"} 2>&1 \
   | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 set -e
-if [ ! -f "$OUT/summary.md" ]; then  # killed or crashed: keep what was saved row by row
-  cp bench/results/gpu-*.json "$OUT"/ 2>/dev/null || true
-  printf '# trd_fast GPU check\n\nbenchmarks did not finish (rc %s); see bench.log\n\nbuild: %s\n\ntests: %s\n' \
-    "$bench_rc" "$build_status" "$test_status" > "$OUT/summary.md"
-fi
+finish
 say "done in $(( SECONDS - start ))s (benchmarks rc $bench_rc)"
 cat "$OUT/summary.md"
