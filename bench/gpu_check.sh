@@ -35,7 +35,11 @@ ENGINE_S=180      # seconds kept for the engine runs (3b-3d) when capping the te
 HARD=$(( BUDGET + 45 ))  # nothing runs past this (the call's limit is 600 s)
 start=$SECONDS
 left() { echo $(( BUDGET - (SECONDS - start) )); }
-within() { local most=$(( HARD - (SECONDS - start) )); [ "$1" -lt "$most" ] && most=$1; echo $(( most < 1 ? 1 : most )); }
+within() {  # within N -> N seconds, or fewer so as to end by HARD (at least 1)
+  local most=$(( HARD - (SECONDS - start) ))
+  [ "$1" -lt "$most" ] && most=$1
+  echo $(( most < 1 ? 1 : most ))
+}
 say() { echo "[gpu_check $(( SECONDS - start ))s] $*"; }
 fresh() { find "$@" -newer "$WORK/stamp" 2>/dev/null || true; }  # those of the given files this run wrote
 build_status="not installed"

@@ -1,10 +1,10 @@
 """bench/engine_step.py's step runs on the shipped task as configured (its config passes the data check against
 the shipped models), and on one batch the drafted trd step writes the same rewrite as plain decoding in fewer
-teacher forwards, re-scoring nothing."""
+teacher forwards, re-scoring nothing; the rewrite splits into the teacher model's forwards and the host's work."""
 
 import torch
 
-from bench.engine_step import DRAFT, one_step
+from bench.engine_step import DRAFT, attribute, one_step
 
 
 def test_the_bench_step_runs_and_drafting_keeps_the_rewrite():
@@ -14,4 +14,12 @@ def test_the_bench_step_runs_and_drafting_keeps_the_rewrite():
     assert plain["y_r_len"] == drafted["y_r_len"]
     assert plain["teacher_rescore_forwards"] == drafted["teacher_rescore_forwards"] == 0
     assert drafted["teacher_draft_tokens"] > 0 == plain["teacher_draft_tokens"]
+    assert drafted["teacher_forwards"] < plain["teacher_forwards"]
+
+
+def test_the_rewrite_splits_into_the_teacher_model_and_the_host():
+    plain, drafted = (split for split in attribute(batch_size=4, device="cpu", tries=1) if split["mode"] != "opd")
+    for split in (plain, drafted):
+        assert 0 < split["teacher_model_s"] <= split["refine_s"]                # every teacher forward is in refine
+        assert split["refine_host_s"] == split["refine_s"] - split["teacher_model_s"]
     assert drafted["teacher_forwards"] < plain["teacher_forwards"]
