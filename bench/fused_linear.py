@@ -43,9 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import trd_fast  # noqa: E402
 from bench import harness  # noqa: E402
-from trd_fast.constants import DIVERGENCES  # noqa: E402
 from trd_fast.ops import fused_linear_blocks  # noqa: E402
-from trd_fast.ops.fused_linear_ops import _problem  # noqa: E402
+from trd_fast.ops.fused_linear_ops import dense_rows_per_block  # noqa: E402
 from trd_fast.ops.fused_linear_tiles import kept_tile_bytes, release_tile_buffers  # noqa: E402
 
 MIB = 1 << 20
@@ -225,8 +224,7 @@ def tile_budget_sweep(shape: dict, budgets_mib) -> dict:
     flops = problem_flops(n, v, h)
     rows = []
     for mib, measured in times.items():
-        block = _problem(hs, ws, None, ht, wt, None, None, None, 1.0, 1.0, None, None, DIVERGENCES.index("forward_kl"),
-                         0.5, 1.0, None, "cpp").row_block(int(mib * MIB))
+        block = dense_rows_per_block(hs, ws, ht, wt, int(mib * MIB))
         rows.append({"tile_budget_mib": mib, "rows_per_block": block, "blocks": -(-n // block),
                      "tile_mib": block * v * 8 / MIB, **harness.summarize(measured), "times_s": measured,
                      "gflop_per_s": flops / statistics.median(measured) / 1e9, "default": mib == own})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trd_fast.constants import DIVERGENCES
 from trd_fast.ops.fused_linear_blocks import DEFAULT_TILE_BUDGET, TILE_BUDGET_BYTES, Engine, Gradients, Head, \
     Problem, Saved
 from trd_fast.ops.reduction import mean_normalizer, mean_scale, reduce_values, reduction_gradient
@@ -54,6 +55,14 @@ def _problem(student_hidden, student_weight, student_bias, teacher_hidden, teach
     teacher = Head.of(teacher_hidden, teacher_weight, teacher_bias, teacher_scale, teacher_softcap, dtype)
     columns = min(student_weight.shape[0], teacher_weight.shape[0])
     return Problem(student, teacher, None, None, top_k, kind, beta, temperature, columns, dtype, opset(backend))
+
+
+def dense_rows_per_block(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                         teacher_weight: Tensor, budget_bytes: int) -> int:
+    """Rows per block of a dense call on these hidden states [N, H] and heads [V, H] (no bias, scale, softcap or
+    top-k) when its tiles may take `budget_bytes`: what each block's projections hold (for benchmarks)."""
+    return _problem(student_hidden, student_weight, None, teacher_hidden, teacher_weight, None, None, None, 1.0, 1.0,
+                    None, None, DIVERGENCES.index("forward_kl"), 0.5, 1.0, None, "cpp").row_block(budget_bytes)
 
 
 def _engine(problem: Problem) -> Engine:

@@ -149,6 +149,11 @@ class TrainConfig:
 
 CONFIG = "config.yaml"  # the file that records a config: in run.output_dir, and with each sharded checkpoint
 
+
+def config_yaml(settings: dict) -> str:
+    """The YAML text recording a config (TrainConfig.to_dict()), sections and keys in their order."""
+    return yaml.safe_dump(settings, sort_keys=False, allow_unicode=True)
+
 # What a resumed run may set differently from the run whose checkpoint it continues: the run's length and its split
 # into micro-batches, evaluation and logging, where the models run, how the teacher is drafted and scored (the same
 # tokens, targets and cut from a greedy teacher; the same distribution from a sampled one), and the run section's
@@ -184,7 +189,7 @@ def check_resumable(config: TrainConfig, saved: dict | None, checkpoint: Path) -
     version's) are not compared; `saved` None (no record) checks nothing."""
     if saved is None:
         return
-    before, now = (yaml.safe_load(yaml.safe_dump(d, allow_unicode=True)) for d in (saved, config.to_dict()))
+    before, now = (yaml.safe_load(config_yaml(d)) for d in (saved, config.to_dict()))  # as the YAML record reads
     for section, values in now.items():
         for key, value in values.items():
             name = f"{section}.{key}"

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
@@ -20,7 +19,7 @@ from trd_fast.trainer.refine.modes import build_batch
 from trd_fast.trainer.refine.request import BatchRequest
 from trd_fast.trainer.run.checkpoint import CHECKPOINT, checkpoint_config, discard_checkpoint, has_checkpoint, \
     load_checkpoint, save_checkpoint, save_model_directory
-from trd_fast.trainer.run.config import CONFIG, TrainConfig, check_resumable
+from trd_fast.trainer.run.config import CONFIG, TrainConfig, check_resumable, config_yaml
 from trd_fast.trainer.run.engine import Engine, build_engine
 from trd_fast.trainer.run.evaluate import EVAL_SEED, accuracy, evaluate
 from trd_fast.trainer.run.examples_check import check_examples, context_length
@@ -116,8 +115,7 @@ def _train(config: TrainConfig, task: Task, engine: Engine | None, world: World)
         if not config.run.resume:  # starting over: the previous run's checkpoints go with its metrics, so that none
             discard_checkpoint(out)  # is resumed later under this run's config and metrics
             discard_sharded(out)
-        (out / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True),
-                                  encoding="utf-8")
+        (out / CONFIG).write_text(config_yaml(config.to_dict()), encoding="utf-8")
     model, o = engine.student_model, config.optim
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=o.lr, weight_decay=o.weight_decay)

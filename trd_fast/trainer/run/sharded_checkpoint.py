@@ -19,7 +19,7 @@ import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trd_fast.trainer.run.checkpoint import NonFiniteState, non_finite_values
-from trd_fast.trainer.run.config import CONFIG
+from trd_fast.trainer.run.config import CONFIG, config_yaml
 from trd_fast.trainer.run.sharding import local_value
 from trd_fast.trainer.run.world import World
 
@@ -43,7 +43,7 @@ def save_sharded(directory: Path, *, step: int, config: dict, model, optimizer, 
     if world.main:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        _write_synced(temporary / CONFIG, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        _write_synced(temporary / CONFIG, config_yaml(config))
     world.barrier()
     state = {"step": step,  # optimizer steps done; the data position is step * batch_size
              "model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
