@@ -172,6 +172,19 @@ def test_drafter_pointer():
     assert spliced.propose(0, room=8) == [14, 15]
 
 
+def test_drafter_carries_a_substitution_forward():
+    """`= 7 ; 7 +` rewritten as `= 9 ; 9 +`: the value replaced at its first use is drafted as the replacement
+    where the source next holds it, and only there."""
+    source = torch.tensor([10, 7, 12, 7, 13, 7, 2])
+    drafter = Drafter(DraftConfig(tokens=3, match=2), [source, source], eos_id=2)
+    drafter.advance(0, [10, 9], accepted=1)                       # 7 replaced by 9 at position 1
+    assert drafter.propose(0, room=8) == [12, 9, 13]              # position 3 expects 9; position 5 still 7
+    drafter.advance(0, [12, 9], accepted=1)                       # the own token 9 matches the replacement:
+    assert drafter.propose(0, room=8) == [13, 7]                  # aligned, no guess (else "12 9" would re-sync)
+    drafter.advance(1, [10, 7, 12, 8], accepted=3)                # another row copies 7 at 1, replaces the 7 at
+    assert drafter.propose(1, room=8) == [13, 8]                  # 3 by 8: 8 is expected at 5
+
+
 def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():
     text = Lookup([5, 6, 7, 8, 5, 6, 9, 4, 5, 6], longest=3)
     assert text.follow(2) == [9, 4]                               # "4 5 6" nowhere before; "5 6" latest at 4

@@ -23,8 +23,10 @@ re-synchronises on the last `match` generated tokens (prompt-lookup style): just
 the source nearest to the guessed position (ties: the later one), or, when they occur nowhere, it keeps the
 guess. The draft is empty once the pointer has run past the source. (Measured on the shipped task, where a
 wrong intermediate value changes every later step: an empty draft when nothing matches took up to twice the
-forwards of the substitution guess.) Drafts stop before the source's first EOS (the plain draw after a fully
-accepted draft ends the row instead) and before the row's token budget.
+forwards of the substitution guess.) A substituted token is expected to be substituted again where the source
+next holds it (a corrected value carried forward, a renamed name): that position is drafted, and matched, as the
+replacement. Drafts stop before the source's first EOS (the plain draw after a fully accepted draft ends the row
+instead) and before the row's token budget.
 
 Once the pointer has run past the source (a rollout that stopped early leaves most of the rewrite undrafted),
 the draft is looked up prompt-lookup style in the row's text, its context (the refine prompt) followed by what
@@ -92,6 +94,8 @@ class Drafter:
         self._starts = [len(x) for x in before]          # where the generated tokens start in the row's text
         self._position = prefixes                       # source position aligned with the row's next token
         self._guessed = [False] * len(sources)          # that position is an unconfirmed substitution guess
+        self._replaced: list[dict[int, int]] = [{} for _ in sources]  # source position -> the token expected there
+                                                                       # instead (a substitution carried forward)
         self._ngrams: list[dict[tuple[int, ...], list[int]] | None] = [None] * len(sources)
 
     def __len__(self) -> int:
@@ -103,7 +107,7 @@ class Drafter:
         EOS (as the source is: a drafted EOS would let a row go on past its end)."""
         count, position, source = max(0, min(self.config.tokens, room)), self._position[row], self._sources[row]
         if position < len(source):
-            return source[position:position + count]
+            return [self._expected(row, j) for j in range(position, min(position + count, len(source)))]
         drafted = self._texts[row].follow(count)
         return drafted[:drafted.index(self._eos)] if self._eos in drafted else drafted  # EOS ends a row: not drafted
 
@@ -114,15 +118,29 @@ class Drafter:
         source, position = self._sources[row], self._position[row] + accepted
         confirmed = accepted > 0 or not self._guessed[row]
         guess = position + 1
-        if position < len(source) and source[position] == tokens[accepted]:
+        if position < len(source) and self._expected(row, position) == tokens[accepted]:
             self._position[row], self._guessed[row] = guess, False
         elif confirmed:
+            self._carry_forward(row, position, tokens[accepted])
             self._position[row], self._guessed[row] = guess, True
         else:
             last = text.tokens[max(self._starts[row], len(text.tokens) - self.config.match):]
             ends = self._occurrences(row).get(tuple(last), ())
             self._position[row] = min(ends, key=lambda e: (abs(e - guess), -e)) if ends else guess
             self._guessed[row] = False
+
+    def _expected(self, row: int, position: int) -> int:
+        """The token the row is expected to write at a source position: the source's, or its replacement."""
+        return self._replaced[row].get(position, self._sources[row][position])
+
+    def _carry_forward(self, row: int, position: int, token: int) -> None:
+        """The row wrote `token` where the source position expected another: expect it where the source next
+        holds the same token too."""
+        source = self._sources[row]
+        if position < len(source):
+            later = next((j for j in range(position + 1, len(source)) if source[j] == source[position]), None)
+            if later is not None:
+                self._replaced[row][later] = token
 
     def _occurrences(self, row: int) -> dict[tuple[int, ...], list[int]]:
         """The row's source n-grams (n = match) -> the positions just past each occurrence."""
