@@ -4,7 +4,7 @@ teacher forwards, re-scoring nothing; the rewrite splits into the teacher model'
 
 import torch
 
-from bench.engine_step import DRAFT, attribute, one_step
+from bench.engine_step import DRAFT, attribute, forwards_over_batches, one_step
 
 
 def test_the_bench_step_runs_and_drafting_keeps_the_rewrite():
@@ -23,3 +23,11 @@ def test_the_rewrite_splits_into_the_teacher_model_and_the_host():
         assert 0 < split["teacher_model_s"] <= split["refine_s"]                # every teacher forward is in refine
         assert split["refine_host_s"] == split["refine_s"] - split["teacher_model_s"]
     assert drafted["teacher_forwards"] < plain["teacher_forwards"]
+
+
+def test_forwards_are_counted_over_batches():
+    spread = forwards_over_batches(batch_size=4, device="cpu", batches=2)
+    plain, drafted = spread["trd (plain decoding)"], spread[f"trd (drafts of {DRAFT})"]
+    assert spread["seeds"] == [0, 1] and len(plain) == len(drafted) == 2
+    assert all(0 < d < p for d, p in zip(drafted, plain))
+    assert spread["drafted_over_plain_mean"] == (drafted[0] / plain[0] + drafted[1] / plain[1]) / 2
