@@ -150,11 +150,11 @@ def test_drafter_pointer():
     assert drafter.propose(0, room=8) == [10, 11, 12] and drafter.propose(0, room=1) == [10]
     assert drafter.propose(0, room=0) == []
     drafter.advance(0, [10, 11, 12, 13], accepted=3)              # the own token matches: aligned on
-    assert drafter.propose(0, room=8) == [14, 15, 16]
+    assert drafter.propose(0, room=8) == [14, 15, 16] and drafter.aligned(0)
     drafter.advance(0, [14, 15, 16], accepted=2)
-    assert drafter.propose(0, room=8) == []                       # source used up (EOS excluded)
+    assert drafter.propose(0, room=8) == [] and not drafter.aligned(0)   # source used up (EOS excluded)
     drafter.advance(1, [10, 50], accepted=1)                      # 11 replaced by 50: a substitution guess
-    assert drafter.propose(1, room=8) == [12, 13, 14]
+    assert drafter.propose(1, room=8) == [12, 13, 14] and not drafter.aligned(1)
     drafter.advance(1, [12, 14], accepted=1)                      # 13 dropped: guessed as a substitution too,
     assert drafter.propose(1, room=8) == [14, 15, 16]
     drafter.advance(1, [15], accepted=0)                          # which fails at once: "14 15" re-synchronises

@@ -111,6 +111,10 @@ class Drafter:
         drafted = self._texts[row].follow(count)
         return drafted[:drafted.index(self._eos)] if self._eos in drafted else drafted  # EOS ends a row: not drafted
 
+    def aligned(self, row: int) -> bool:
+        """The row's last token matched its source (no substitution guess pending) and the source goes on."""
+        return not self._guessed[row] and self._position[row] < len(self._sources[row])
+
     def advance(self, row: int, tokens: Sequence[int], accepted: int) -> None:
         """The row generated `tokens`: the first `accepted` of its proposal, then one token of its own."""
         text = self._texts[row]

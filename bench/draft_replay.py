@@ -1,0 +1,171 @@
+"""Teacher forwards a drafting policy needs for trd's rewrite, replayed on recorded rewrites of the shipped task.
+
+A greedy teacher writes the same y_r whatever draft it verifies, so once (context, y_o, y_r) of a step are
+recorded, the forwards of any policy follow without the teacher: each forward accepts the longest prefix of the
+row's draft equal to y_r's next tokens (at most all but the last), then writes one token of its own. A step takes
+as many forwards as its slowest row. Replayed policies:
+
+  rollout        the shipped Drafter (rollout/draft.py): y_o at an aligned pointer, then a lookup in the context;
+  student        a draft model: the student's greedy tokens after its own prompt and y_r so far. A greedy
+                 student's draft equals its teacher-forced argmax up to the first disagreement, so one forward of
+                 the student over (x, y_r) per row gives every draft; drafting costs D student forwards per round;
+  rollout+student  y_o while the row's last token matched it, the student otherwise.
+
+    .venv/bin/python -m bench.draft_replay            # 8 batches of 64 -> bench/results/draft-replay-cpu.json
+    .venv/bin/python -m bench.draft_replay --smoke    # 2 batches of 4 (JSON to the temp dir)
+
+Counts, not times: what a student draft saves in time depends on what its D forwards per round cost against the
+teacher forwards it removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from bench import harness
+from bench.engine_step import MAX_NEW_TOKENS, step_config
+from trd_fast.tasks import ChainTask
+from trd_fast.trainer.protocol import Tokenize
+from trd_fast.trainer.refine.request import BatchRequest
+from trd_fast.trainer.refine.rewrite import rewrite_batch
+from trd_fast.trainer.rollout.draft import DraftConfig, Drafter
+from trd_fast.trainer.run.config import TrainConfig
+from trd_fast.trainer.run.engine import Engine, build_engine
+from trd_fast.trainer.run.loop import batch_positions
+
+DRAFTS = (2, 3, 4, 8)
+BATCHES = 8
+
+Policy = Callable[[int, int], list[int]]   # (position in y_r, room) -> a row's draft tokens
+
+
+def record(engine: Engine, config: TrainConfig, batches: int, batch_size: int) -> list[dict]:
+    """Per batch (seed 0, 1, ...: other problems and rollouts), each row's refine context, y_o, y_r and student
+    context x (token id lists), from one plain-decoding trd rewrite: the batches whose forwards bench.engine_step
+    counts (`forwards_over_batches`), so the replayed rollout policy can be checked against them."""
+    task, tokenize = ChainTask(), Tokenize(engine.tokenizer)
+    engine.student_model.eval()
+    steps = []
+    for seed in range(batches):         # the batch and sampling stream of bench.engine_step's step with this seed
+        rows = batch_positions(0, batch_size, batch_size, seed)
+        pool = task.examples("train", batch_size, seed)
+        examples = [pool[r] for r in rows]
+        request = BatchRequest(config, task, tokenize, engine.student, engine.teacher,
+                               torch.Generator().manual_seed(seed), examples, rows)
+        batch, _ = rewrite_batch(request)
+        steps.append({
+            "x": [x.tolist() for x in batch.contexts], "y_o": [y.tolist() for y in batch.originals],
+            "y_r": [y.tolist() for y in batch.completions],
+            "refine": [tokenize(task.refine_prompt(e, tokenize.text(y), request.privileged)).tolist()
+                       for e, y in zip(examples, batch.originals)]})
+    return steps
+
+
+def recorded(batches: int, batch_size: int) -> tuple[list[dict], list[list[list[int]]], int]:
+    """The shipped models' recorded batches (record), the student's picks on them (student_picks) and the EOS id."""
+    with tempfile.TemporaryDirectory() as out:
+        config = step_config("trd", Path(out), batch_size, chunk=0, draft=0)
+        engine = build_engine(config)
+        steps = record(engine, config, batches, batch_size)
+    return steps, student_picks(engine.student_model, steps), engine.teacher.eos_id
+
+
+def student_picks(student: torch.nn.Module, steps: list[dict]) -> list[list[list[int]]]:
+    """Per batch and row, the student's argmax at each position of y_r after (x, y_r before it)."""
+    picks = []
+    with torch.no_grad():
+        for step in steps:
+            rows = []
+            for x, y in zip(step["x"], step["y_r"]):
+                logits = student(torch.tensor([x + y])).logits[0]                      # [len(x) + len(y), V]
+                rows.append(logits[len(x) - 1:len(x) - 1 + len(y)].argmax(-1).tolist())
+            picks.append(rows)
+    return picks
+
+
+def forwards(y: Sequence[int], policy: Policy, advance: Callable[[list[int], int], None], eos: int) -> int:
+    """Forwards the greedy teacher needs to write y (EOS last, or cut at the budget) verifying policy's drafts."""
+    position, count = 0, 0
+    while position < len(y):
+        draft = policy(position, MAX_NEW_TOKENS - position - 1)
+        draft = draft[:draft.index(eos)] if eos in draft else draft
+        accepted, most = 0, min(len(draft), len(y) - 1 - position)      # the last token is the teacher's own
+        while accepted < most and draft[accepted] == y[position + accepted]:
+            accepted += 1
+        advance(y[position:position + accepted + 1], accepted)
+        position, count = position + accepted + 1, count + 1
+    return count
+
+
+def replay(step: dict, picks: list[list[int]], tokens: int, source: str, eos: int) -> dict:
+    """Forwards per step (the slowest row), summed over rows, and the student forwards per step (D per round
+    in which some row drafts from the student) of one policy on one batch."""
+    drafter = Drafter(DraftConfig(tokens=tokens), [torch.tensor(y) for y in step["y_o"]], eos,
+                      contexts=[torch.tensor(c) for c in step["refine"]])
+    per_row, student_rounds = [], []
+    for row, y in enumerate(step["y_r"]):
+        asked = []
+
+        def policy(position: int, room: int) -> list[int]:
+            aligned = position == 0 or drafter.aligned(row)
+            if source == "rollout" or (source == "rollout+student" and aligned):
+                asked.append(False)
+                return drafter.propose(row, room)
+            asked.append(True)
+            draft = []
+            for want, pick in zip(y[position:position + min(tokens, room)], picks[row][position:]):
+                draft.append(pick)
+                if pick != want:    # the student's later tokens follow its own pick: not y_r's, never accepted
+                    break
+            return draft
+
+        per_row.append(forwards(y, policy, lambda generated, accepted: drafter.advance(row, generated, accepted),
+                                eos))
+        student_rounds.append(asked)
+    rounds = max(per_row)
+    drafting_rounds = sum(any(asked[r] for asked in student_rounds if r < len(asked)) for r in range(rounds))
+    return {"forwards": rounds, "row_forwards": sum(per_row), "student_forwards": tokens * drafting_rounds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="2 batches of 4, JSON to the temp dir")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batches, batch_size = (2, 4) if args.smoke else (BATCHES, 64)
+    steps, picks, eos = recorded(batches, batch_size)
+    plain = [max(len(y) for y in step["y_r"]) for step in steps]
+    policies = {}
+    for source in ("rollout", "student", "rollout+student"):
+        for tokens in DRAFTS:
+            runs = [replay(step, p, tokens, source, eos) for step, p in zip(steps, picks)]
+            policies[f"{source}, drafts of {tokens}"] = {
+                "forwards": [r["forwards"] for r in runs], "row_forwards": [r["row_forwards"] for r in runs],
+                "student_forwards": [r["student_forwards"] for r in runs],
+                "forwards_over_plain_mean": statistics.mean(r["forwards"] / p for r, p in zip(runs, plain))}
+    agreement = [sum(a == b for a, b in zip(pick, y)) / len(y)
+                 for step, p in zip(steps, picks) for pick, y in zip(p, step["y_r"])]
+    document = {"machine": harness.machine("cpu"),
+                "setup": {"task": "chain", "models": "shipped teacher and student", "batches": batches,
+                          "batch_size": batch_size, "max_new_tokens": MAX_NEW_TOKENS, "teacher_temperature": 0.0},
+                "plain_forwards": plain, "student_teacher_forced_agreement": statistics.mean(agreement),
+                "policies": policies}
+    path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / "draft-replay-cpu.json"
+    harness.write_json(path, document)
+    print(f"plain decoding: forwards per batch {plain}; the student's teacher-forced agreement with y_r "
+          f"{document['student_teacher_forced_agreement']:.3f}")
+    for name, p in policies.items():
+        print(f"{name}: forwards {p['forwards']} (mean {p['forwards_over_plain_mean']:.2f} of plain), summed over "
+              f"rows {sum(p['row_forwards'])}, student forwards {p['student_forwards']}")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
