@@ -8,8 +8,11 @@ as many forwards as its slowest row. Replayed policies:
   rollout        the shipped Drafter (rollout/draft.py): y_o at an aligned pointer, then a lookup in the context;
   student        a draft model: the student's greedy tokens after its own prompt and y_r so far. A greedy
                  student's draft equals its teacher-forced argmax up to the first disagreement, so one forward of
-                 the student over (x, y_r) per row gives every draft; drafting costs D student forwards per round;
-  rollout+student  y_o while the row's last token matched it, the student otherwise.
+                 the student over (x, y_r) per row gives every draft. Counted as D student forwards per round in
+                 which some row drafts from the student, whatever its room (the first of them would also feed
+                 the tokens written since the row's last draft), plus nothing for the student's prefill;
+  rollout+student  y_o while no substitution guess is pending for the row (Drafter.aligned), the student otherwise;
+                 the drafter follows the student-drafted tokens as tokens of the row's own.
 
     .venv/bin/python -m bench.draft_replay            # 8 batches of 64 -> bench/results/draft-replay-cpu.json
     .venv/bin/python -m bench.draft_replay --smoke    # 2 batches of 4 (JSON to the temp dir)
@@ -29,11 +32,11 @@ from typing import Callable, Sequence
 import torch
 
 from bench import harness
-from bench.engine_step import MAX_NEW_TOKENS, step_config
+from bench.engine_step import step_config
 from trd_fast.tasks import ChainTask
 from trd_fast.trainer.protocol import Tokenize
 from trd_fast.trainer.refine.request import BatchRequest
-from trd_fast.trainer.refine.rewrite import rewrite_batch
+from trd_fast.trainer.refine.rewrite import refine_prompts, rewrite_batch
 from trd_fast.trainer.rollout.draft import DraftConfig, Drafter
 from trd_fast.trainer.run.config import TrainConfig
 from trd_fast.trainer.run.engine import Engine, build_engine
@@ -43,12 +46,17 @@ DRAFTS = (2, 3, 4, 8)
 BATCHES = 8
 
 Policy = Callable[[int, int], list[int]]   # (position in y_r, room) -> a row's draft tokens
+POLICIES = ("rollout", "student", "rollout+student")
 
 
 def record(engine: Engine, config: TrainConfig, batches: int, batch_size: int) -> list[dict]:
     """Per batch (seed 0, 1, ...: other problems and rollouts), each row's refine context, y_o, y_r and student
-    context x (token id lists), from one plain-decoding trd rewrite: the batches whose forwards bench.engine_step
-    counts (`forwards_over_batches`), so the replayed rollout policy can be checked against them."""
+    context x (token id lists), and the token budget, from one plain-decoding trd rewrite: the batches whose
+    forwards bench.engine_step counts (`forwards_over_batches`), so the replayed rollout policy can be checked
+    against them."""
+    if config.rollout.teacher_temperature != 0:
+        raise ValueError("rollout.teacher_temperature: the replay needs a greedy teacher (0), got "
+                         f"{config.rollout.teacher_temperature}")
     task, tokenize = ChainTask(), Tokenize(engine.tokenizer)
     engine.student_model.eval()
     steps = []
@@ -62,8 +70,8 @@ def record(engine: Engine, config: TrainConfig, batches: int, batch_size: int) -
         steps.append({
             "x": [x.tolist() for x in batch.contexts], "y_o": [y.tolist() for y in batch.originals],
             "y_r": [y.tolist() for y in batch.completions],
-            "refine": [tokenize(task.refine_prompt(e, tokenize.text(y), request.privileged)).tolist()
-                       for e, y in zip(examples, batch.originals)]})
+            "refine": [x.tolist() for x in refine_prompts(request, batch.originals)],
+            "budget": config.rollout.max_new_tokens})
     return steps
 
 
@@ -89,11 +97,13 @@ def student_picks(student: torch.nn.Module, steps: list[dict]) -> list[list[list
     return picks
 
 
-def forwards(y: Sequence[int], policy: Policy, advance: Callable[[list[int], int], None], eos: int) -> int:
-    """Forwards the greedy teacher needs to write y (EOS last, or cut at the budget) verifying policy's drafts."""
+def forwards(y: Sequence[int], policy: Policy, advance: Callable[[list[int], int], None], eos: int,
+             budget: int) -> int:
+    """Forwards the greedy teacher needs to write y (EOS last, or cut at `budget` tokens) verifying policy's
+    drafts; advance(tokens, accepted) learns what each forward wrote."""
     position, count = 0, 0
     while position < len(y):
-        draft = policy(position, MAX_NEW_TOKENS - position - 1)
+        draft = policy(position, budget - position - 1)
         draft = draft[:draft.index(eos)] if eos in draft else draft
         accepted, most = 0, min(len(draft), len(y) - 1 - position)      # the last token is the teacher's own
         while accepted < most and draft[accepted] == y[position + accepted]:
@@ -103,21 +113,21 @@ def forwards(y: Sequence[int], policy: Policy, advance: Callable[[list[int], int
     return count
 
 
-def replay(step: dict, picks: list[list[int]], tokens: int, source: str, eos: int) -> dict:
-    """Forwards per step (the slowest row), summed over rows, and the student forwards per step (D per round
-    in which some row drafts from the student) of one policy on one batch."""
+def replay(step: dict, picks: list[list[int]], tokens: int, drafts: str, eos: int) -> dict:
+    """Forwards per step (the slowest row), summed over rows, and the student forwards per step (see the module
+    docstring) of one policy (`drafts`, one of POLICIES) with drafts of `tokens` on one batch."""
+    if drafts not in POLICIES:
+        raise ValueError(f"drafts: one of {POLICIES}, got {drafts!r}")
     drafter = Drafter(DraftConfig(tokens=tokens), [torch.tensor(y) for y in step["y_o"]], eos,
                       contexts=[torch.tensor(c) for c in step["refine"]])
     per_row, student_rounds = [], []
     for row, y in enumerate(step["y_r"]):
-        asked = []
+        asked: list[bool] = []          # per round: the row drafted from the student
 
         def policy(position: int, room: int) -> list[int]:
-            aligned = position == 0 or drafter.aligned(row)
-            if source == "rollout" or (source == "rollout+student" and aligned):
-                asked.append(False)
+            asked.append(drafts == "student" or (drafts == "rollout+student" and not drafter.aligned(row)))
+            if not asked[-1]:
                 return drafter.propose(row, room)
-            asked.append(True)
             draft = []
             for want, pick in zip(y[position:position + min(tokens, room)], picks[row][position:]):
                 draft.append(pick)
@@ -125,8 +135,14 @@ def replay(step: dict, picks: list[list[int]], tokens: int, source: str, eos: in
                     break
             return draft
 
-        per_row.append(forwards(y, policy, lambda generated, accepted: drafter.advance(row, generated, accepted),
-                                eos))
+        def advance(generated: list[int], accepted: int) -> None:
+            if not asked[-1]:
+                drafter.advance(row, generated, accepted)
+            else:                   # the drafter did not propose them: to it they are the row's own tokens
+                for token in generated:
+                    drafter.advance(row, [token], 0)
+
+        per_row.append(forwards(y, policy, advance, eos, step["budget"]))
         student_rounds.append(asked)
     rounds = max(per_row)
     drafting_rounds = sum(any(asked[r] for asked in student_rounds if r < len(asked)) for r in range(rounds))
@@ -143,19 +159,19 @@ def main() -> None:
     steps, picks, eos = recorded(batches, batch_size)
     plain = [max(len(y) for y in step["y_r"]) for step in steps]
     policies = {}
-    for source in ("rollout", "student", "rollout+student"):
+    for drafts in POLICIES:
         for tokens in DRAFTS:
-            runs = [replay(step, p, tokens, source, eos) for step, p in zip(steps, picks)]
-            policies[f"{source}, drafts of {tokens}"] = {
+            runs = [replay(step, p, tokens, drafts, eos) for step, p in zip(steps, picks)]
+            policies[f"{drafts}, drafts of {tokens}"] = {
                 "forwards": [r["forwards"] for r in runs], "row_forwards": [r["row_forwards"] for r in runs],
                 "student_forwards": [r["student_forwards"] for r in runs],
                 "forwards_over_plain_mean": statistics.mean(r["forwards"] / p for r, p in zip(runs, plain))}
-    agreement = [sum(a == b for a, b in zip(pick, y)) / len(y)
-                 for step, p in zip(steps, picks) for pick, y in zip(p, step["y_r"])]
+    pairs = [(a, b) for step, p in zip(steps, picks) for pick, y in zip(p, step["y_r"]) for a, b in zip(pick, y)]
     document = {"machine": harness.machine("cpu"),
                 "setup": {"task": "chain", "models": "shipped teacher and student", "batches": batches,
-                          "batch_size": batch_size, "max_new_tokens": MAX_NEW_TOKENS, "teacher_temperature": 0.0},
-                "plain_forwards": plain, "student_teacher_forced_agreement": statistics.mean(agreement),
+                          "batch_size": batch_size, "max_new_tokens": steps[0]["budget"], "teacher_temperature": 0.0},
+                "plain_forwards": plain,
+                "student_teacher_forced_agreement": sum(a == b for a, b in pairs) / len(pairs),
                 "policies": policies}
     path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / "draft-replay-cpu.json"
     harness.write_json(path, document)

@@ -18,7 +18,8 @@ Then two more steps each of opd, plain trd and drafted trd split the refine phas
 the seconds inside the teacher model's forwards (synchronised on CUDA, so that launches and kernels both count) and
 the rest, the host's work around them (`attribution` in the JSON). The synchronisation perturbs those steps, so they
 are kept apart from the timed runs. Last, plain and drafted trd count their teacher forwards (not timed) on
-FORWARD_BATCHES other batches (`forwards_over_batches`): a step's forwards are those of its slowest row.
+FORWARD_BATCHES batches, the timed one (seed 0) and others (`forwards_over_batches`): a step's forwards are those
+of its slowest row, so they swing from batch to batch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from bench import harness
+from trd_fast.drivers import positive_int
 from trd_fast.tasks import ChainTask, checkpoint_dir
 from trd_fast.trainer.rollout.generation import Runner
 from trd_fast.trainer.run import loop
@@ -153,7 +155,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both models run")
-    parser.add_argument("--forward-batches", type=int, default=FORWARD_BATCHES,
+    parser.add_argument("--forward-batches", type=positive_int, default=FORWARD_BATCHES,
                         help="batches whose teacher forwards plain and drafted trd count (not timed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

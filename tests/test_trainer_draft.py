@@ -173,16 +173,19 @@ def test_drafter_pointer():
 
 
 def test_drafter_carries_a_substitution_forward():
-    """`= 7 ; 7 +` rewritten as `= 9 ; 9 +`: the value replaced at its first use is drafted as the replacement
-    where the source next holds it, and only there."""
+    """`= 7 ; 7 + ... 7` rewritten with 9 for 7: the replaced token is drafted as its replacement at its next use in
+    the source, and only there; a guess that fails (a token inserted, not substituted) takes its replacement back."""
     source = torch.tensor([10, 7, 12, 7, 13, 7, 2])
-    drafter = Drafter(DraftConfig(tokens=3, match=2), [source, source], eos_id=2)
+    drafter = Drafter(DraftConfig(tokens=3, match=2), [source, source, source], eos_id=2)
     drafter.advance(0, [10, 9], accepted=1)                       # 7 replaced by 9 at position 1
     assert drafter.propose(0, room=8) == [12, 9, 13]              # position 3 expects 9; position 5 still 7
     drafter.advance(0, [12, 9], accepted=1)                       # the own token 9 matches the replacement:
-    assert drafter.propose(0, room=8) == [13, 7]                  # aligned, no guess (else "12 9" would re-sync)
+    assert drafter.propose(0, room=8) == [13, 7] and drafter.aligned(0)   # aligned, no guess
     drafter.advance(1, [10, 7, 12, 8], accepted=3)                # another row copies 7 at 1, replaces the 7 at
     assert drafter.propose(1, room=8) == [13, 8]                  # 3 by 8: 8 is expected at 5
+    drafter.advance(2, [10, 5], accepted=1)                       # 7 at 1 "replaced" by 5: 5 expected at 3, but
+    drafter.advance(2, [7], accepted=0)                           # 7 follows, not 12: the guess failed ("5 7" is
+    assert drafter.propose(2, room=8) == [7, 13, 7]               # nowhere, so it is kept) and 3 expects 7 again
 
 
 def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():

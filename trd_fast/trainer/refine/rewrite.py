@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import Tensor
 
 from trd_fast.trainer.refine.request import BatchRequest, PhaseTimes, student_rollout
 from trd_fast.trainer.refine.stats import refinement_stats
@@ -19,10 +20,9 @@ from trd_fast.trainer.train.batch import Batch
 def rewrite_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
     """The trd batch of the request's examples (every y_r token weighted 1) and the time of each phase."""
     student = student_rollout(request, capture=False)
-    tokenize, y_o = request.tokenize, student.y_o
+    y_o = student.y_o
     start = time.perf_counter()
-    refine_contexts = [tokenize(request.task.refine_prompt(e, tokenize.text(y), request.privileged))
-                       for e, y in zip(request.examples, y_o)]
+    refine_contexts = refine_prompts(request, y_o)
     draft = request.teacher_draft()
     rewrite = request.teacher.generate(refine_contexts, request.teacher_sampling(), generator=request.generator,
                                        capture=True, progress=request.progress("rewrite"),
@@ -33,5 +33,12 @@ def rewrite_batch(request: BatchRequest) -> tuple[Batch, PhaseTimes]:
     targets = rewrite.targets
     weights = [torch.ones(len(y)) for y in y_r]
     times = PhaseTimes(rollout=student.seconds, refine=time.perf_counter() - start)
-    stats = refinement_stats(request.task, tokenize, request.examples, y_o, y_r)
+    stats = refinement_stats(request.task, request.tokenize, request.examples, y_o, y_r)
     return Batch(student.contexts, y_r, targets, weights, y_o, None, stats), times
+
+
+def refine_prompts(request: BatchRequest, y_o: list[Tensor]) -> list[Tensor]:
+    """The teacher's context per row for rewriting its rollout y_o: the task's refine prompt holding it, 1-D int64."""
+    tokenize = request.tokenize
+    return [tokenize(request.task.refine_prompt(e, tokenize.text(y), request.privileged))
+            for e, y in zip(request.examples, y_o)]
