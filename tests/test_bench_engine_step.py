@@ -2,9 +2,10 @@
 the shipped models), and on one batch the drafted trd step writes the same rewrite as plain decoding in fewer
 teacher forwards, re-scoring nothing; the rewrite splits into the teacher model's forwards and the host's work."""
 
+import pytest
 import torch
 
-from bench.engine_step import DRAFT, attribute, forwards_over_batches, one_step
+from bench.engine_step import DRAFT, attribute, forwards_over_batches, measure, one_step
 
 
 def test_the_bench_step_runs_and_drafting_keeps_the_rewrite():
@@ -30,3 +31,11 @@ def test_forwards_are_counted_over_batches():
     plain, drafted = spread["trd (plain decoding)"], spread[f"trd (drafts of {DRAFT})"]
     assert spread["seeds"] == [0, 1] and len(plain) == len(drafted) == 2
     assert all(0 < d < p for d, p in zip(drafted, plain))
+
+
+def test_each_run_is_timed_against_opd_in_its_own_round():
+    rows = {r["mode"]: r for r in measure(repeats=1, batch_size=4, device="cpu")}
+    opd = rows["opd"]
+    assert opd["step_over_opd_paired"] == 1.0
+    for row in rows.values():                           # one round: its ratio is the ratio of the two steps
+        assert row["step_over_opd_paired"] == pytest.approx(row["step_s"] / opd["step_s"])
