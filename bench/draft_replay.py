@@ -1,9 +1,9 @@
 """Teacher forwards a drafting policy needs for trd's rewrite, replayed on recorded rewrites of the shipped task.
 
-A greedy teacher writes the same y_r whatever draft it verifies, so once (context, y_o, y_r) of a step are
-recorded, the forwards of any policy follow without the teacher: each forward accepts the longest prefix of the
-row's draft equal to y_r's next tokens (at most all but the last), then writes one token of its own. A step takes
-as many forwards as its slowest row. Replayed policies:
+A greedy teacher writes the same y_r whatever draft it verifies (up to the rounding of a multi-token forward), so
+once (context, y_o, y_r) of a step are recorded, the forwards of any policy follow without the teacher: each
+forward accepts the longest prefix of the row's draft equal to y_r's next tokens (never y_r's last token), then
+writes one token of its own. A step takes as many forwards as its slowest row. Replayed policies:
 
   rollout        the shipped Drafter (rollout/draft.py): y_o at an aligned pointer, then a lookup in the context;
   student        a draft model: the student's greedy tokens after its own prompt and y_r so far. A greedy
@@ -11,7 +11,8 @@ as many forwards as its slowest row. Replayed policies:
                  the student over (x, y_r) per row gives every draft. Counted as D student forwards per round in
                  which some row drafts from the student, whatever its room (the first of them would also feed
                  the tokens written since the row's last draft), plus nothing for the student's prefill;
-  rollout+student  y_o while no substitution guess is pending for the row (Drafter.aligned), the student otherwise;
+  rollout+student  y_o while the row is still copying it (Drafter.aligned: no substitution guess pending), the
+                 student otherwise;
                  the drafter follows the student-drafted tokens as tokens of the row's own.
 
     .venv/bin/python -m bench.draft_replay            # 8 batches of 64 -> bench/results/draft-replay-cpu.json
@@ -33,6 +34,7 @@ import torch
 
 from bench import harness
 from bench.engine_step import step_config
+from trd_fast.drivers import positive_int
 from trd_fast.tasks import ChainTask
 from trd_fast.trainer.protocol import Tokenize
 from trd_fast.trainer.refine.request import BatchRequest
@@ -100,7 +102,8 @@ def student_picks(student: torch.nn.Module, steps: list[dict]) -> list[list[list
 def forwards(y: Sequence[int], policy: Policy, advance: Callable[[list[int], int], None], eos: int,
              budget: int) -> int:
     """Forwards the greedy teacher needs to write y (EOS last, or cut at `budget` tokens) verifying policy's
-    drafts; advance(tokens, accepted) learns what each forward wrote."""
+    drafts: each accepts the draft's longest prefix equal to y's next tokens, but never y's last token, which is
+    always the teacher's own draw; advance(tokens, accepted) learns what each forward wrote."""
     position, count = 0, 0
     while position < len(y):
         draft = policy(position, budget - position - 1)
@@ -151,8 +154,9 @@ def replay(step: dict, picks: list[list[int]], tokens: int, drafts: str, eos: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="2 batches of 4, JSON to the temp dir")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="2 batches of 4, JSON to the temp dir (else it "
+                        "overwrites bench/results/draft-replay-cpu.json)")
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches, batch_size = (2, 4) if args.smoke else (BATCHES, 64)

@@ -246,7 +246,7 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
                                                             # (nothing once it stopped)
     live = list(range(len(batch)))                          # the batch rows still generating
     pending = None                                          # [B] int64 each batch row's pending token
-    bar = tqdm(desc=progress, disable=progress is None, leave=False)
+    bar = tqdm(desc=progress, unit="forward", disable=progress is None, leave=False)
     while live:
         proposals = [[] for _ in batch]
         for r in live:
