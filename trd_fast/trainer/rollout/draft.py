@@ -106,8 +106,8 @@ class Drafter:
 
     def propose(self, row: int, room: int) -> list[int]:
         """Up to min(D, room) tokens: the source's from the row's pointer (with the substitutions carried forward),
-        or once the pointer has run past the source, what followed the latest earlier occurrence of the row's last tokens in its text, cut before an
-        EOS (as the source is: a drafted EOS would let a row go on past its end)."""
+        or once the pointer has run past the source, what followed the latest earlier occurrence of the row's last
+        tokens in its text, cut before an EOS (as the source is: a drafted EOS would let a row go on past its end)."""
         count, position, source = max(0, min(self.config.tokens, room)), self._position[row], self._sources[row]
         if position < len(source):
             return [self._expected(row, j) for j in range(position, min(position + count, len(source)))]
