@@ -182,7 +182,8 @@ test_status="$test_status; torchrun on 1 GPU: $torchrun_status"
 step_status="not run (needs pyyaml and matplotlib in the image)"
 if engine_ready; then
   set +e
-  timeout -k 5 "$(within 120)" $PY -m bench.engine_step --device cuda --repeats 3 --forward-batches 4 >> "$OUT/engine.log" 2>&1
+  timeout -k 5 "$(within 120)" $PY -m bench.engine_step --device cuda --repeats 3 --forward-batches 4 \
+    >> "$OUT/engine.log" 2>&1
   step_rc=$?
   set -e
   for f in $(fresh bench/results/engine-cuda.json); do cp "$f" "$OUT"/; done

@@ -7,8 +7,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # TRITON_INTERPRET=0 runs tests/test_triton_gpu.py on a GPU
 
-import importlib.util  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -43,7 +41,7 @@ def require_backend(name: str) -> str:
             pytest.skip("TRD_FAST_SKIP_EXT=1: torch-only install without trd_fast._C")
         pytest.fail(f"backend 'cpp': {backend_module.EXTENSION_MISSING} "
                     "(set TRD_FAST_SKIP_EXT=1 only for a deliberate torch-only install)")
-    if name == "triton" and importlib.util.find_spec("triton") is None:
+    if name == "triton" and not backend_module.TRITON_INSTALLED:
         pytest.skip("the triton package is not installed")
     return name
 

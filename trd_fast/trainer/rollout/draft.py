@@ -39,6 +39,7 @@ already generated and the context, so the output keeps its law.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -99,7 +100,7 @@ class Drafter:
         self._replaced: list[dict[int, int]] = [{} for _ in sources]  # source position -> the token expected there
                                                                        # instead (a substitution carried forward)
         self._unconfirmed: list[int | None] = [None] * len(sources)  # the position the pending guess carried to
-        self._ngrams: list[dict[tuple[int, ...], list[int]] | None] = [None] * len(sources)
+        self._indexes: dict[tuple[int, int], dict[tuple[int, ...], list[int]]] = {}  # (row, n) -> _ends(row, n)
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -136,7 +137,7 @@ class Drafter:
             self._replaced[row].pop(self._unconfirmed[row], None)
             self._unconfirmed[row] = None
             last = text.tokens[max(self._starts[row], len(text.tokens) - self.config.match):]
-            ends = self._occurrences(row).get(tuple(last), ())
+            ends = self._ends(row, self.config.match).get(tuple(last), ())
             self._position[row] = min(ends, key=lambda e: (abs(e - guess), -e)) if ends else guess
             self._guessed[row] = False
 
@@ -150,20 +151,22 @@ class Drafter:
         source = self._sources[row]
         if position >= len(source):
             return None
-        later = next((j for j in range(position + 1, len(source)) if source[j] == source[position]), None)
-        if later is not None:
-            self._replaced[row][later] = token
+        ends = self._ends(row, 1)[(source[position],)]           # just past each occurrence, ascending
+        at = bisect.bisect_right(ends, position + 1)                 # the first occurrence after `position`
+        if at == len(ends):
+            return None
+        later = ends[at] - 1
+        self._replaced[row][later] = token
         return later
 
-    def _occurrences(self, row: int) -> dict[tuple[int, ...], list[int]]:
-        """The row's source n-grams (n = match) -> the positions just past each occurrence."""
-        if self._ngrams[row] is None:
-            n, source = self.config.match, self._sources[row]
-            index: dict[tuple[int, ...], list[int]] = {}
+    def _ends(self, row: int, n: int) -> dict[tuple[int, ...], list[int]]:
+        """The row's source n-grams -> the positions just past each occurrence, ascending (built on first use)."""
+        if (row, n) not in self._indexes:
+            source, index = self._sources[row], {}
             for end in range(n, len(source) + 1):
                 index.setdefault(tuple(source[end - n:end]), []).append(end)
-            self._ngrams[row] = index
-        return self._ngrams[row]
+            self._indexes[row, n] = index
+        return self._indexes[row, n]
 
 
 class Lookup:
