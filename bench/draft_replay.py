@@ -15,6 +15,10 @@ writes one token of its own. A step takes as many forwards as its slowest row. R
                  student otherwise;
                  the drafter follows the student-drafted tokens as tokens of the row's own.
 
+Beside them, a bound for every drafter that copies (copy_bound): the fewest forwards when each forward's draft is
+any run copied from y_o (or also from the refine prompt and the output so far), aligned perfectly. Counts are per
+step (the slowest row) and summed over rows, each also over plain decoding's (a forward per token and row).
+
     .venv/bin/python -m bench.draft_replay            # 8 batches of 64 -> bench/results/draft-replay-cpu.json
     .venv/bin/python -m bench.draft_replay --smoke    # 2 batches of 4 (JSON to the temp dir)
 
@@ -46,9 +50,11 @@ from trd_fast.trainer.run.loop import batch_positions
 
 DRAFTS = (2, 3, 4, 8)
 BATCHES = 8
+BOUND_UNLIMITED = 40  # drafts as long as the rewrite's budget: no limit on the bound's runs
 
 Policy = Callable[[int, int], list[int]]   # (position in y_r, room) -> a row's draft tokens
 POLICIES = ("rollout", "student", "rollout+student")
+BOUND_SOURCES = ("y_o", "y_o+context+output")
 
 
 def record(engine: Engine, config: TrainConfig, batches: int, batch_size: int) -> list[dict]:
@@ -116,6 +122,45 @@ def forwards(y: Sequence[int], policy: Policy, advance: Callable[[list[int], int
     return count
 
 
+def longest_copy(y: Sequence[int], position: int, text: Sequence[int], most: int) -> int:
+    """The length of the longest run of y's tokens from `position`, at most `most`, that occurs in `text`."""
+    best = 0
+    for start in range(len(text)):
+        length = 0
+        while length < most and start + length < len(text) and text[start + length] == y[position + length]:
+            length += 1
+        best = max(best, length)
+        if best == most:
+            break
+    return best
+
+
+def fewest_copy_forwards(y: Sequence[int], source: Sequence[int], tokens: int, *, output: bool) -> int:
+    """The fewest forwards a greedy teacher needs to write y (EOS last) when every forward's draft, at most `tokens`
+    long, is a run of tokens copied from `source`, and with `output` also from y's tokens written before the
+    forward, wherever the drafter aligns: a bound for every drafter that copies runs (prompt lookup in y_o, the
+    refine prompt or the output), not for one that edits them (the shipped drafter's carried substitutions). As in
+    `forwards`, y's last token is the teacher's own. Taking the longest run at each forward is optimal: the fewest
+    forwards from a later position are never more (a cover from an earlier one, cut there, is still of runs)."""
+    position, count = 0, 0
+    while position < len(y):
+        text = list(source) + ([-1] + list(y[:position]) if output else [])   # -1: no run spans the join
+        position += longest_copy(y, position, text, min(tokens, len(y) - 1 - position)) + 1
+        count += 1
+    return count
+
+
+def copy_bound(step: dict, tokens: int, sources: str) -> dict:
+    """fewest_copy_forwards of every row of one batch: per step (the slowest row) and summed over rows. `sources`:
+    "y_o" (runs of the rollout), or "y_o+context+output" (also of the refine prompt and the output so far)."""
+    if sources not in BOUND_SOURCES:
+        raise ValueError(f"sources: one of {BOUND_SOURCES}, got {sources!r}")
+    wide = sources != "y_o"
+    per_row = [fewest_copy_forwards(y, list(y_o) + ([-1] + list(refine) if wide else []), tokens, output=wide)
+               for y, y_o, refine in zip(step["y_r"], step["y_o"], step["refine"])]
+    return {"forwards": max(per_row), "row_forwards": sum(per_row)}
+
+
 def replay(step: dict, picks: list[list[int]], tokens: int, drafts: str, eos: int) -> dict:
     """Forwards per step (the slowest row), summed over rows, and the student forwards per step (see the module
     docstring) of one policy (`drafts`, one of POLICIES) with drafts of `tokens` on one batch."""
@@ -162,28 +207,41 @@ def main() -> None:
     batches, batch_size = (2, 4) if args.smoke else (BATCHES, 64)
     steps, picks, eos = recorded(batches, batch_size)
     plain = [max(len(y) for y in step["y_r"]) for step in steps]
-    policies = {}
-    for drafts in POLICIES:
-        for tokens in DRAFTS:
+    plain_rows = sum(len(y) for step in steps for y in step["y_r"])     # plain decoding: a forward per token and row
+
+    def summary(runs: list[dict]) -> dict:
+        return {"forwards": [r["forwards"] for r in runs], "row_forwards": [r["row_forwards"] for r in runs],
+                "forwards_over_plain_mean": statistics.mean(r["forwards"] / p for r, p in zip(runs, plain)),
+                "row_forwards_over_plain": sum(r["row_forwards"] for r in runs) / plain_rows}
+
+    policies, bounds = {}, {}
+    for tokens in DRAFTS + (BOUND_UNLIMITED,):
+        for sources in BOUND_SOURCES:
+            bounds[f"copies of {sources}, drafts of {tokens}"] = summary([copy_bound(s, tokens, sources) for s in steps])
+        if tokens == BOUND_UNLIMITED:
+            continue
+        for drafts in POLICIES:
             runs = [replay(step, p, tokens, drafts, eos) for step, p in zip(steps, picks)]
-            policies[f"{drafts}, drafts of {tokens}"] = {
-                "forwards": [r["forwards"] for r in runs], "row_forwards": [r["row_forwards"] for r in runs],
-                "student_forwards": [r["student_forwards"] for r in runs],
-                "forwards_over_plain_mean": statistics.mean(r["forwards"] / p for r, p in zip(runs, plain))}
+            policies[f"{drafts}, drafts of {tokens}"] = {**summary(runs),
+                                                        "student_forwards": [r["student_forwards"] for r in runs]}
     pairs = [(a, b) for step, p in zip(steps, picks) for pick, y in zip(p, step["y_r"]) for a, b in zip(pick, y)]
     document = {"machine": harness.machine("cpu"),
                 "setup": {"task": "chain", "models": "shipped teacher and student", "batches": batches,
                           "batch_size": batch_size, "max_new_tokens": steps[0]["budget"], "teacher_temperature": 0.0},
                 "plain_forwards": plain,
                 "student_teacher_forced_agreement": sum(a == b for a, b in pairs) / len(pairs),
-                "policies": policies}
+                "policies": policies, "copy_bounds": bounds}
     path = (Path(tempfile.gettempdir()) if args.smoke else harness.RESULTS_DIR) / "draft-replay-cpu.json"
     harness.write_json(path, document)
     print(f"plain decoding: forwards per batch {plain}; the student's teacher-forced agreement with y_r "
           f"{document['student_teacher_forced_agreement']:.3f}")
     for name, p in policies.items():
         print(f"{name}: forwards {p['forwards']} (mean {p['forwards_over_plain_mean']:.2f} of plain), summed over "
-              f"rows {sum(p['row_forwards'])}, student forwards {p['student_forwards']}")
+              f"rows {sum(p['row_forwards'])} ({p['row_forwards_over_plain']:.2f} of plain), student forwards "
+              f"{p['student_forwards']}")
+    for name, p in bounds.items():
+        print(f"bound, {name}: forwards {p['forwards']} (mean {p['forwards_over_plain_mean']:.2f} of plain), summed "
+              f"over rows {sum(p['row_forwards'])} ({p['row_forwards_over_plain']:.2f} of plain)")
     print(f"written to {path}")
 
 

@@ -1,12 +1,15 @@
 """bench/draft_replay.py replays drafting policies on recorded rewrites: its replay of the shipped drafter needs the
 forwards (and feeds the decode tokens) the drafted rewrite measured, the student's picks are its teacher-forced
-argmax, and a student draft that is always right needs ceil(len / (D + 1)) forwards per row."""
+argmax, and a student draft that is always right needs ceil(len / (D + 1)) forwards per row. Its bound for drafters
+that copy runs is the fewest forwards found by searching every choice of accepted length."""
 
+import functools
 import math
+import random
 
 import pytest
 
-from bench.draft_replay import forwards, recorded, replay
+from bench.draft_replay import copy_bound, fewest_copy_forwards, forwards, longest_copy, recorded, replay
 from bench.engine_step import DRAFT, one_step
 
 EOS = 2
@@ -58,3 +61,45 @@ def test_a_student_pick_that_is_wrong_ends_its_draft():
     assert written == y                                             # no draft: one token per forward
     with pytest.raises(ValueError, match="drafts"):
         replay(step, [y], 3, "oracle", EOS)
+
+
+def test_the_copy_bound_by_hand():
+    y = [5, 6, 7, 8, 9, EOS]
+    # drafts of 3 copied from the source: 5 6 7 accepted + 8; 9 accepted + EOS (the last token is the teacher's)
+    assert fewest_copy_forwards(y, [5, 6, 7, 1, 8, 9], 3, output=False) == 2
+    assert fewest_copy_forwards(y, [], 3, output=False) == len(y)              # nothing to copy: plain decoding
+    repeated = [1, 2, 3, 1, 2, 3, EOS]
+    assert fewest_copy_forwards(repeated, [], 3, output=False) == 7
+    assert fewest_copy_forwards(repeated, [], 3, output=True) == 4              # 1, 2, 3, then 1 2 3 copied + EOS
+    assert longest_copy([7, 8, 9], 0, [7, 8, 0, 7, 8, 9], 3) == 3
+
+
+def test_the_copy_bound_is_the_fewest_forwards_of_any_copying_drafter():
+    rng = random.Random(0)
+    for _ in range(300):
+        y = [rng.randrange(4) for _ in range(rng.randrange(1, 12))] + [EOS]
+        source = [rng.randrange(4) for _ in range(rng.randrange(0, 10))]
+        tokens, output = rng.choice((1, 2, 3, 8)), rng.random() < 0.5
+
+        @functools.cache
+        def fewest(position: int) -> int:   # every accepted length a copied run allows, searched
+            if position >= len(y):
+                return 0
+            text = source + ([-1] + y[:position] if output else [])
+            longest = longest_copy(y, position, text, min(tokens, len(y) - 1 - position))
+            return 1 + min(fewest(position + accepted + 1) for accepted in range(longest + 1))
+
+        assert fewest_copy_forwards(y, source, tokens, output=output) == fewest(0)
+
+
+def test_the_copy_bound_of_a_batch(batches):
+    step = batches[0][0]
+    narrow, wide = copy_bound(step, 3, "y_o"), copy_bound(step, 3, "y_o+context+output")
+    perfect = [math.ceil(len(y) / 4) for y in step["y_r"]]          # every draft of 3 accepted
+    for bound in (narrow, wide):
+        assert max(perfect) <= bound["forwards"] <= max(map(len, step["y_r"]))
+        assert sum(perfect) <= bound["row_forwards"] <= sum(map(len, step["y_r"]))
+    assert wide["row_forwards"] <= narrow["row_forwards"] and wide["forwards"] <= narrow["forwards"]
+    assert copy_bound(step, 40, "y_o")["row_forwards"] <= narrow["row_forwards"]
+    with pytest.raises(ValueError, match="sources"):
+        copy_bound(step, 3, "y_r")
