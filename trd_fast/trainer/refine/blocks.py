@@ -4,8 +4,11 @@ follows the budget, not the batch size times the sequence length.
 
 Bytes a row holds while it is generated (an estimate; the larger of the student's rollout and the teacher's
 refinement):
-    KV cache   CACHE_COPIES x kv_bytes(model) x positions    positions: its longest prompt + 2 x max_new_tokens
-                                                              (the refine prompt holds y_o, then y_r follows)
+    KV cache   kv_bytes(model) x (CACHE_COPIES x positions + MIN_ROOM)
+                                        positions: its longest prompt + 2 x max_new_tokens (the refine prompt holds
+                                        y_o, then y_r follows); the cache with its room to grow, and the copy that
+                                        growing it, dropping finished rows or realigning cut rows makes
+                                        (rollout/kv_cache.py: GROWTH, MIN_ROOM)
     logits     LOGIT_TEMPORARIES x 4 x V x (1 + draft_tokens) (a decode step's fp32 rows, a drafted forward's slots)
 where kv_bytes = 2 (keys, values) x layers x kv_heads x head_dim x bytes per value. With the default budget the
 shipped task's batch is one block; at 8B-scale models a few rows fit each GiB, and a GPU run raises the budget.
@@ -22,9 +25,11 @@ import torch
 from trd_fast.trainer.refine.request import BatchRequest, PhaseTimes
 from trd_fast.trainer.refine.stats import combine_stats
 from trd_fast.trainer.rollout.capture import LOGIT_TEMPORARIES
+from trd_fast.trainer.rollout.kv_cache import GROWTH, MIN_ROOM
 from trd_fast.trainer.train.batch import Batch
 
-CACHE_COPIES = 2  # a batch's KV cache and the copy that dropping finished rows, or realigning cut rows, makes
+CACHE_COPIES = 2 + GROWTH  # a batch's KV cache with its room to grow, and the copy that growing it, dropping
+                          # finished rows, or realigning cut rows makes
 
 
 def kv_bytes(model) -> int:
@@ -44,11 +49,11 @@ def row_bytes(request: BatchRequest) -> int:
     student_prompt = max(len(tokenize(task.student_prompt(e))) for e in request.examples)
     teacher_prompt = max(max(len(tokenize(task.teacher_prompt(e, privileged))),
                              len(tokenize(task.refine_prompt(e, "", privileged)))) for e in request.examples)
-    student = kv_bytes(request.student.model) * (student_prompt + r.max_new_tokens)
-    teacher = kv_bytes(request.teacher.model) * (teacher_prompt + 2 * r.max_new_tokens)
+    student = kv_bytes(request.student.model) * (CACHE_COPIES * (student_prompt + r.max_new_tokens) + MIN_ROOM)
+    teacher = kv_bytes(request.teacher.model) * (CACHE_COPIES * (teacher_prompt + 2 * r.max_new_tokens) + MIN_ROOM)
     vocab = max(request.student.head.weight.shape[0], request.teacher.head.weight.shape[0])
     logits = LOGIT_TEMPORARIES * 4 * vocab * (1 + d.draft_tokens)
-    return CACHE_COPIES * max(student, teacher) + logits
+    return math.ceil(max(student, teacher) + logits)
 
 
 def split_rows(request: BatchRequest) -> list[BatchRequest]:

@@ -10,14 +10,13 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 import trd_fast
 from trd_fast.heads import LMHead, decoder_output, lm_head
 from trd_fast.trainer.rollout.capture import Capture, Target
 from trd_fast.trainer.rollout.counters import Ledger, TokenCounters
 from trd_fast.trainer.rollout.draft import Drafter, verify_decode
-from trd_fast.trainer.rollout.kv_cache import CACHE_KEYWORD, CachedBatch, check_filled, check_full_attention
+from trd_fast.trainer.rollout.kv_cache import CACHE_KEYWORD, CachedBatch, check_filled, growing_cache
 from trd_fast.trainer.rollout.sampling import SamplingConfig, sample
 from trd_fast.trainer.rollout.trace import Trace
 
@@ -172,8 +171,7 @@ class Runner:
         past = state.mask if state is not None else fed[:, :0]                              # [B, S]
         cache = None
         if use_cache:
-            cache = state.cache if state is not None else check_full_attention(
-                DynamicCache(config=self.model.config), self.name)
+            cache = state.cache if state is not None else growing_cache(self.model.config, self.name)
         positions = past.sum(-1, keepdim=True) + (fed.cumsum(-1) - 1).clamp(min=0)        # [B, W]
         mask = torch.cat([past, fed], dim=1)                                                # [B, S + W]
         out = self.backbone(input_ids=ids, attention_mask=mask.long(), position_ids=positions,

@@ -1,5 +1,6 @@
 """A batch of token rows held in a KV cache, with a mask of the slots that hold real tokens. Rows can leave the
-batch, and rows of several batches can be cut back to a prefix and realigned into one left-padded batch."""
+batch, and rows of several batches can be cut back to a prefix and realigned into one left-padded batch. The cache's
+layers keep room to grow, so a decode step writes its tokens in place instead of copying the whole cache."""
 
 from __future__ import annotations
 
@@ -75,6 +76,52 @@ def realign(parts: Sequence[tuple[CachedBatch, int, int]]) -> CachedBatch:
     return CachedBatch(holding(gathered), valid)
 
 
+GROWTH = 0.25        # a layer full at S slots makes room for S * GROWTH more (at least MIN_ROOM): at most this share
+MIN_ROOM = 64        # of the cache is held empty, and each cached token is copied about 1 / GROWTH times in all
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values [B, H, S, D] are the first S slots of buffers with room for
+    more: a forward's new keys and values are written in place, and full buffers are replaced by ones GROWTH larger.
+    HF's DynamicLayer concatenates instead, copying the whole cache at every forward: O(S) per decode step, O(L^2)
+    over a rollout of L tokens. Keys and values set from outside (holding, a crop keeps them views of the buffers)
+    are copied into new buffers at the next update. Never written where a returned view can still see: a crop's
+    view is shorter than the slots the next update writes."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        total = held + key_states.shape[-2]
+        pairs = list(zip((self.keys, self.values), getattr(self, "room", (None, None)), (key_states, value_states)))
+        if not all(_has_room(old, buffer, new, total) for old, buffer, new in pairs):
+            size = total + max(int(total * GROWTH), MIN_ROOM)
+            self.room = tuple(new.new_empty(*new.shape[:2], size, new.shape[-1]) for new in (key_states, value_states))
+            if held:
+                self.room[0][:, :, :held], self.room[1][:, :, :held] = self.keys, self.values
+        keys, values = self.room
+        keys[:, :, held:total], values[:, :, held:total] = key_states, value_states
+        self.keys, self.values = keys[:, :, :total], values[:, :, :total]
+        return self.keys, self.values
+
+
+def growing_cache(config, who: str) -> DynamicCache:
+    """An empty KV cache for a model of `config` whose layers grow in place (GrowingLayer); ValueError naming `who`
+    unless every layer is full attention."""
+    cache = check_full_attention(DynamicCache(config=config), who)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
+def _has_room(held: Tensor, buffer: Tensor | None, new: Tensor, total: int) -> bool:
+    """`buffer` [B, H, C, D] can take `new` [B, H, W, D] after the cached `held` up to slot `total`: same rows, heads,
+    width and dtype, C >= total, and `held` is its first slots (or holds none)."""
+    return (buffer is not None and buffer.shape[-2] >= total and buffer.dtype == new.dtype
+            and buffer.shape[:2] == new.shape[:2] and buffer.shape[-1] == new.shape[-1]
+            and (held.dim() != 4 or held.shape[-2] == 0
+                 or (held.data_ptr() == buffer.data_ptr() and held.stride() == buffer.stride())))
+
+
 def check_filled(cache: DynamicCache, slots: int, who: str) -> None:
     """RuntimeError naming `who` unless `cache` holds `slots` positions (the mask width) after a forward that was
     passed it as CACHE_KEYWORD: a model that left it unfilled would decode without its context."""
@@ -86,10 +133,12 @@ def check_filled(cache: DynamicCache, slots: int, who: str) -> None:
 
 
 def holding(layers: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
-    """A cache whose layers hold the given keys and values [B, H, S, D] themselves (built from empty slices and
-    then set, so the tensors are not copied once more on the way in)."""
+    """A cache of GrowingLayers holding the given keys and values [B, H, S, D] themselves (not copied on the way in;
+    the first update copies them into buffers with room)."""
     cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])
+    cache.layers = [GrowingLayer() for _ in layers]
     for layer, (k, v) in zip(cache.layers, layers):
+        layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
     return cache
 
@@ -97,7 +146,7 @@ def holding(layers: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
 def check_full_attention(cache: DynamicCache, who: str) -> DynamicCache:
     """The cache itself, when every layer is a plain full-attention layer (the only kind rows can be cut from
     and realigned in); else ValueError naming `who`."""
-    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) not in (DynamicLayer, GrowingLayer)})
     if kinds:
         raise ValueError(f"{who}: only full-attention models are supported, this one's KV cache has {kinds} layers")
     return cache
