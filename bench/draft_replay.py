@@ -50,7 +50,6 @@ from trd_fast.trainer.run.loop import batch_positions
 
 DRAFTS = (2, 3, 4, 8)
 BATCHES = 8
-BOUND_UNLIMITED = 40  # drafts as long as the rewrite's budget: no limit on the bound's runs
 
 Policy = Callable[[int, int], list[int]]   # (position in y_r, room) -> a row's draft tokens
 POLICIES = ("rollout", "student", "rollout+student")
@@ -215,10 +214,11 @@ def main() -> None:
                 "row_forwards_over_plain": sum(r["row_forwards"] for r in runs) / plain_rows}
 
     policies, bounds = {}, {}
-    for tokens in DRAFTS + (BOUND_UNLIMITED,):
+    for tokens in DRAFTS + (None,):                       # None: drafts as long as the budget, runs of any length
         for sources in BOUND_SOURCES:
-            bounds[f"copies of {sources}, drafts of {tokens}"] = summary([copy_bound(s, tokens, sources) for s in steps])
-        if tokens == BOUND_UNLIMITED:
+            runs = [copy_bound(s, tokens or s["budget"], sources) for s in steps]
+            bounds[f"copies of {sources}, drafts of {tokens or 'any length'}"] = summary(runs)
+        if tokens is None:
             continue
         for drafts in POLICIES:
             runs = [replay(step, p, tokens, drafts, eos) for step, p in zip(steps, picks)]

@@ -1,9 +1,10 @@
 """Greedy decoding of long completions with the engine's KV cache (rollout/kv_cache.py: layers that grow in place)
 against HF's DynamicCache (every layer concatenated whole at each forward), side by side in one run.
 
-The same random Llama decodes, from the same left-padded prompts, the same number of tokens one forward each, with
-only the cache differing: a bare loop of the model's forwards (what Runner.decode does per step, without sampling
-and counters), so the ratio is the cache's. Rounds alternate the two caches; medians and minima are kept.
+The same random Llama decodes, from the same prompts, the same number of tokens one forward each, with only the cache
+differing: a bare loop of the model's forwards, each passed an attention mask and position ids as Runner.decode's
+are (so attention takes the masked path), without sampling and counters; so the ratio is the cache's. The two caches
+take turns, each round in the other order; medians and minima are kept.
 
     .venv/bin/python -m bench.kv_cache            # -> bench/results/kv-cache-cpu.json
     .venv/bin/python -m bench.kv_cache --smoke    # short completions, JSON to the temp dir
@@ -31,32 +32,40 @@ CACHES = ("growing (trd_fast)", "DynamicCache (HF)")
 def decode(model, prompts: torch.Tensor, tokens: int, cache) -> torch.Tensor:
     """Greedy decoding of `tokens` tokens after prompts [B, P] with `cache`: one prefill, then a forward per token.
     Returns the tokens [B, tokens]."""
+    batch, length = prompts.shape
+    mask = torch.ones(batch, length + tokens, dtype=torch.int64)                              # [B, P + tokens]
     out = []
     with torch.no_grad():
-        logits = model(input_ids=prompts, **{CACHE_KEYWORD: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
-        for _ in range(tokens):
-            out.append(logits.argmax(-1, keepdim=True))                                   # [B, 1]
-            logits = model(input_ids=out[-1], **{CACHE_KEYWORD: cache}, use_cache=True).logits[:, -1]  # [B, V]
+        logits = model(input_ids=prompts, attention_mask=mask[:, :length], **{CACHE_KEYWORD: cache}, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]                                        # [B, V]
+        for step in range(tokens):
+            out.append(logits.argmax(-1, keepdim=True))                                     # [B, 1]
+            position = torch.full((batch, 1), length + step)
+            logits = model(input_ids=out[-1], attention_mask=mask[:, :length + step + 1], position_ids=position,
+                           **{CACHE_KEYWORD: cache}, use_cache=True).logits[:, -1]
     return torch.cat(out, dim=1)
 
 
 def measure(lengths: list[int], batch_size: int, prompt: int, repeats: int) -> list[dict]:
-    """Per completion length, the decode time with each cache (medians and minima over `repeats` alternated rounds, after an untimed warm-up)
-    and the ratio of the DynamicCache's to the growing cache's; both caches must decode the same tokens."""
+    """Per completion length, the decode time in seconds with each cache (medians and minima over `repeats` rounds
+    after an untimed warm-up) and the median per-round ratio of the DynamicCache's time to the growing cache's.
+    RuntimeError when the two caches decode different tokens."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL, attn_implementation="sdpa")).eval()
     prompts = torch.randint(0, MODEL["vocab_size"], (batch_size, prompt))
-    make = {CACHES[0]: lambda: growing_cache(model.config, "model"), CACHES[1]: lambda: DynamicCache(config=model.config)}
+    make = {CACHES[0]: lambda: growing_cache(model.config, "model"),
+            CACHES[1]: lambda: DynamicCache(config=model.config)}
     for name in CACHES:                                           # warm-up, untimed
         decode(model, prompts, 4, make[name]())
     rows = []
     for length in lengths:
         times = {name: [] for name in CACHES}
         outputs = {}
-        for _ in range(repeats):
-            for name in CACHES:
-                clock = harness.clock("cpu")
-                times[name].append(clock(lambda: outputs.__setitem__(name, decode(model, prompts, length, make[name]()))))
+        clock = harness.clock("cpu")
+        for round_ in range(repeats):
+            for name in CACHES[::-1] if round_ % 2 else CACHES:
+                times[name].append(clock(lambda: outputs.__setitem__(name, decode(model, prompts, length,
+                                                                                  make[name]()))))
         if not torch.equal(*outputs.values()):
             raise RuntimeError(f"the two caches decoded different tokens at length {length}")
         row = {"completion_tokens": length, "batch_size": batch_size, "prompt_tokens": prompt}
@@ -74,8 +83,8 @@ def measure(lengths: list[int], batch_size: int, prompt: int, repeats: int) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="completions of 16 and 64 tokens, 1 repeat, JSON to the "
-                        "temp dir (else it overwrites bench/results/kv-cache-cpu.json)")
+    parser.add_argument("--smoke", action="store_true", help="completions of 16 and 64 tokens, 1 repeat, JSON to "
+                        "the temp dir (else it overwrites bench/results/kv-cache-cpu.json)")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()

@@ -6,9 +6,11 @@ Bytes a row holds while it is generated (an estimate; the larger of the student'
 refinement):
     KV cache   kv_bytes(model) x (CACHE_COPIES x positions + MIN_ROOM)
                                         positions: its longest prompt + 2 x max_new_tokens (the refine prompt holds
-                                        y_o, then y_r follows); the cache with its room to grow, and the copy that
-                                        growing it, dropping finished rows or realigning cut rows makes
-                                        (rollout/kv_cache.py: GROWTH, MIN_ROOM)
+                                        y_o, then y_r follows); the cache with its room to grow (rollout/kv_cache.py:
+                                        GROWTH, MIN_ROOM) beside the compact copy that dropping finished rows or
+                                        realigning cut rows makes. Not counted: a drafted forward's rejected slots,
+                                        masked but kept while a longer accepted run of another row follows them, and
+                                        realign's per-layer temporaries.
     logits     LOGIT_TEMPORARIES x 4 x V x (1 + draft_tokens) (a decode step's fp32 rows, a drafted forward's slots)
 where kv_bytes = 2 (keys, values) x layers x kv_heads x head_dim x bytes per value. With the default budget the
 shipped task's batch is one block; at 8B-scale models a few rows fit each GiB, and a GPU run raises the budget.
@@ -28,8 +30,8 @@ from trd_fast.trainer.rollout.capture import LOGIT_TEMPORARIES
 from trd_fast.trainer.rollout.kv_cache import GROWTH, MIN_ROOM
 from trd_fast.trainer.train.batch import Batch
 
-CACHE_COPIES = 2 + GROWTH  # a batch's KV cache with its room to grow, and the copy that growing it, dropping
-                          # finished rows, or realigning cut rows makes
+CACHE_COPIES = 2 + GROWTH  # a batch's KV cache with its room to grow, beside the compact copy that dropping
+                          # finished rows or realigning cut rows makes (growing copies one layer at a time)
 
 
 def kv_bytes(model) -> int:

@@ -19,6 +19,9 @@ from trd_fast.dependencies import release
 # warns from 5.24 and is due to go in 5.40). check_filled catches a model that ignores the cache it was passed.
 CACHE_KEYWORD = "cache" if release(transformers.__version__) >= (5, 24, 0) else "past_key_values"
 
+GROWTH = 0.25   # a layer's buffers, when full at S slots, are replaced by ones of S * (1 + GROWTH) slots (at least
+MIN_ROOM = 64   # MIN_ROOM more): growing copies each cached token about 1 / GROWTH times in all
+
 
 @dataclass(frozen=True)
 class CachedBatch:
@@ -36,7 +39,8 @@ class CachedBatch:
 
     def crop(self, slots: int) -> CachedBatch:
         """The batch cut to its first `slots` slots. The cache is cut in place (each layer keeps a view of its
-        first slots; the next forward's append copies them as it would anyway), so this batch is cut with it."""
+        first slots, and the next forward writes over the slots cut off: GrowingLayer), so this batch is cut with
+        it: no batch sharing the cache may be read past `slots` afterwards."""
         for layer in check_full_attention(self.cache, "KV cache").layers:
             layer.keys, layer.values = layer.keys[:, :, :slots], layer.values[:, :, :slots]
         return CachedBatch(self.cache, self.mask[:, :slots])
@@ -76,24 +80,28 @@ def realign(parts: Sequence[tuple[CachedBatch, int, int]]) -> CachedBatch:
     return CachedBatch(holding(gathered), valid)
 
 
-GROWTH = 0.25        # a layer full at S slots makes room for S * GROWTH more (at least MIN_ROOM): at most this share
-MIN_ROOM = 64        # of the cache is held empty, and each cached token is copied about 1 / GROWTH times in all
-
-
 class GrowingLayer(DynamicLayer):
     """A full-attention cache layer whose keys and values [B, H, S, D] are the first S slots of buffers with room for
     more: a forward's new keys and values are written in place, and full buffers are replaced by ones GROWTH larger.
     HF's DynamicLayer concatenates instead, copying the whole cache at every forward: O(S) per decode step, O(L^2)
-    over a rollout of L tokens. Keys and values set from outside (holding, a crop keeps them views of the buffers)
-    are copied into new buffers at the next update. Never written where a returned view can still see: a crop's
-    view is shorter than the slots the next update writes."""
+    over a rollout of L tokens. Keys and values set from outside (holding) are copied into new buffers at the next
+    update; a crop (CachedBatch.crop) leaves them views of the buffers' first slots, and the next update writes over
+    the slots cut off, which no view held on to still reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.room: tuple[Tensor | None, Tensor | None] = (None, None)   # the buffers [B, H, C, D] keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        self.room = (None, None)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         total = held + key_states.shape[-2]
-        pairs = list(zip((self.keys, self.values), getattr(self, "room", (None, None)), (key_states, value_states)))
+        pairs = zip((self.keys, self.values), self.room, (key_states, value_states))
         if not all(_has_room(old, buffer, new, total) for old, buffer, new in pairs):
             size = total + max(int(total * GROWTH), MIN_ROOM)
             self.room = tuple(new.new_empty(*new.shape[:2], size, new.shape[-1]) for new in (key_states, value_states))
@@ -135,8 +143,8 @@ def check_filled(cache: DynamicCache, slots: int, who: str) -> None:
 def holding(layers: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
     """A cache of GrowingLayers holding the given keys and values [B, H, S, D] themselves (not copied on the way in;
     the first update copies them into buffers with room)."""
-    cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])
-    cache.layers = [GrowingLayer() for _ in layers]
+    cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])   # a cache of that many layers, none
+    cache.layers = [GrowingLayer() for _ in layers]                         # added later; its layers replaced
     for layer, (k, v) in zip(cache.layers, layers):
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
