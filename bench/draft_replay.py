@@ -138,15 +138,15 @@ def fewest_copy_forwards(y: Sequence[int], source: Sequence[int], tokens: int, *
     """The fewest forwards a greedy teacher needs to write y (EOS last) when every forward's draft, at most `tokens`
     long, is a run of tokens copied from `source`, and with `output` also from y's tokens written before the
     forward, wherever the drafter aligns: a bound for every drafter that copies runs (prompt lookup in y_o, the
-    refine prompt or the output), not for one that edits them (the shipped drafter's carried substitutions). As in
-    `forwards`, y's last token is the teacher's own. Taking the longest run at each forward is optimal: the fewest
-    forwards from a later position are never more (a cover from an earlier one, cut there, is still of runs)."""
-    position, count = 0, 0
-    while position < len(y):
+    refine prompt or the output), not for one that edits them (the shipped drafter's carried substitutions). Taking
+    the longest run at each forward (`forwards` with y as the policy's hindsight) is optimal: the fewest forwards
+    from a later position are never more (a cover from an earlier one, cut there, is still of runs)."""
+    def longest_run(position: int, room: int) -> list[int]:
         text = list(source) + ([-1] + list(y[:position]) if output else [])   # -1: no run spans the join
-        position += longest_copy(y, position, text, min(tokens, len(y) - 1 - position)) + 1
-        count += 1
-    return count
+        return list(y[position:position + longest_copy(y, position, text, min(tokens, room))])
+
+    # ids are >= 0, so eos=-1 cuts nothing; a budget of len(y) leaves every forward the room y still needs
+    return forwards(y, longest_run, lambda generated, accepted: None, eos=-1, budget=len(y))
 
 
 def copy_bound(step: dict, tokens: int, sources: str) -> dict:

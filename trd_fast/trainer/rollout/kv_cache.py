@@ -143,8 +143,8 @@ def check_filled(cache: DynamicCache, slots: int, who: str) -> None:
 def holding(layers: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
     """A cache of GrowingLayers holding the given keys and values [B, H, S, D] themselves (not copied on the way in;
     the first update copies them into buffers with room)."""
-    cache = DynamicCache([(k[:, :, :0], v[:, :, :0]) for k, v in layers])   # a cache of that many layers, none
-    cache.layers = [GrowingLayer() for _ in layers]                         # added later; its layers replaced
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer() for _ in layers]
     for layer, (k, v) in zip(cache.layers, layers):
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
