@@ -5,12 +5,16 @@ chunks."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
 import trd_fast
 from tiny_models import PAD, VOCAB, fresh, implied, tiny_lm
 from trd_fast.trainer.rollout.generation import Rollout, Runner, SamplingConfig
+from trd_fast.trainer.rollout.draft import DraftConfig, Drafter
+from trd_fast.trainer.rollout.kv_cache import CachedBatch
 from trd_fast.trainer.rollout.sampling import sample
 from trd_fast.trainer.refine.splice import splice
 
@@ -78,6 +82,38 @@ def test_generate_captures_exact_logits(student):
     assert c.prefill_tokens == sum(CONTEXT_LENGTHS)
     assert c.decode_tokens == sum(n - 1 for n in lengths) and c.forwards == 1 + max(lengths) - 1
     assert c.rescore_forwards == c.rescore_tokens == 0
+
+
+def test_decode_frees_the_cache_that_rows_left(student, monkeypatch):
+    """After finished rows are dropped (a copy of the others' cache), the old cache's tensors are gone before the
+    next forward: neither the last forward's output nor the caller's first batch keeps them alive (plain decoding,
+    whose first batch generate holds; and drafted generation)."""
+    left: list[weakref.ref] = []
+    select, backbone = CachedBatch.select, Runner.backbone
+
+    def recorded_select(self, rows):
+        for layer in self.cache.layers:
+            left.extend(weakref.ref(t if t._base is None else t._base) for t in (layer.keys, layer.values))
+        return select(self, rows)
+
+    def checked_backbone(self, **inputs):
+        assert all(ref() is None for ref in left), "keys or values the rows left are alive at the next forward"
+        return backbone(self, **inputs)
+
+    monkeypatch.setattr(CachedBatch, "select", recorded_select)
+    monkeypatch.setattr(Runner, "backbone", checked_backbone)
+    xs = contexts()
+    runner, out, _ = rollout_with_early_eos(student, xs)
+    assert left                                             # row 0 stopped early: rows were dropped
+    left.clear()
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=10)    # drafted: the same tokens as plain decoding, so
+    plain = Runner(student, pad_id=PAD, eos_id=-1, name="probe").generate(     # EOS = row 0's third greedy token
+        xs, greedy, generator=torch.Generator(), capture=False)               # stops it while the others go on
+    drafted = Runner(student, pad_id=PAD, eos_id=int(plain.tokens[0, 2]), name="teacher").generate(
+        xs, greedy, generator=torch.Generator(), capture=False,
+        drafter=Drafter(DraftConfig(tokens=2), plain.rows(), int(plain.tokens[0, 2])))
+    assert drafted.lengths[0] <= 3 < drafted.lengths.max()
+    assert left                                             # a quarter of the rows stopped: they were dropped
 
 
 def test_generate_is_deterministic_and_greedy_is_argmax(student):

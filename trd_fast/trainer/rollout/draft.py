@@ -296,7 +296,7 @@ def verify_decode(runner: Runner, drafter: Drafter, *, rows: Sequence[int], head
         if live:
             state = _drop_rejected(state, torch.tensor(kept, device=device), width, longest=max(taken))
         if live and len(batch) - len(live) >= FINISHED_SHARE * len(batch):
-            state = state.select(torch.tensor(live, device=device))
+            state = state.keep_rows(torch.tensor(live, device=device))
             batch, room, history, fed = ([x[r] for r in live] for x in (batch, room, history, fed))
             pending = pending[live]
             live = list(range(len(batch)))

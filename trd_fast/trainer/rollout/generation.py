@@ -211,18 +211,16 @@ class Runner:
             mask = torch.cat([state.mask, slot], dim=1)                                       # [A, S + 1]
             out = self.backbone(input_ids=pending[alive][:, None], attention_mask=mask.long(),
                                 position_ids=state.lengths[:, None], **{CACHE_KEYWORD: state.cache}, use_cache=True)
-            hidden = out.last_hidden_state[:, -1]                                             # [A, H]
-            del out     # it holds the cache: after a row selection below it would keep the old one alive a forward more
             check_filled(state.cache, mask.shape[1], self.name)
             state = CachedBatch(state.cache, mask)
             self.counters.decode_tokens += len(alive)
             self.counters.forwards += 1
-            tokens = self.draw(trace, alive, hidden, sampling, generator, capture=capture)
+            tokens = self.draw(trace, alive, out.last_hidden_state[:, -1], sampling, generator, capture=capture)
             pending[alive] = tokens
             going = (tokens != self.eos_id) & (trace.lengths[alive] < budget[alive])
             if not bool(going.all()):
                 keep = going.nonzero()[:, 0]
-                state, alive = state.select(keep), alive[keep]
+                state, alive = state.keep_rows(keep), alive[keep]
             bar.update(1)
         bar.close()
 

@@ -37,6 +37,16 @@ class CachedBatch:
         """A new batch of the given rows [R] (a copy, so this batch can be dropped)."""
         return CachedBatch(holding([(k[rows], v[rows]) for k, v in _layers(self.cache)]), self.mask[rows])
 
+    def keep_rows(self, rows: Tensor) -> CachedBatch:
+        """select(rows), and this batch's cache emptied: its tensors are freed even while a caller still holds this
+        batch (a decode loop's first batch), and using it afterwards fails instead of reading stale keys."""
+        kept = self.select(rows)
+        for layer in check_full_attention(self.cache, "KV cache").layers:
+            layer.keys = layer.values = None
+            if isinstance(layer, GrowingLayer):
+                layer.room = (None, None)
+        return kept
+
     def crop(self, slots: int) -> CachedBatch:
         """The batch cut to its first `slots` slots. The cache is cut in place (each layer keeps a view of its
         first slots, and the next forward writes over the slots cut off: GrowingLayer), so this batch is cut with
